@@ -1,0 +1,139 @@
+"""Metrics a run writes to its workdir, and progress lines for the console.
+
+`MetricWriter` appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to
+TensorBoard event files (`tensorboard/`). Only process 0 writes; other processes' writers are
+inert, so a multi-host run leaves exactly one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        value = np.asarray(value)
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricWriter:
+    """Appends rows to `<workdir>/metrics.jsonl` and TensorBoard; process 0 only.
+
+    On resume, rows from steps after `resume_step` (written after the checkpoint a run restarts
+    from) are dropped first, so the file of a resumed run equals that of an uninterrupted one.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+        if tensorboard:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                      for k, v in row.items() if k != "step" and isinstance(v, (int, float))]
+            self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary_pb2.Summary(value=values)))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Progress:
+    """Logs `step/total, steps/s, <items>/s, ETA` and the given metrics every call to `log`."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, items_per_step: int = 0,
+                 item_name: str = "images"):
+        self.total_steps = total_steps
+        self.items_per_step = items_per_step
+        self.item_name = item_name
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def rates(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = step - self._last_step
+        seconds = max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        rates = {"steps_per_s": steps / seconds}
+        if self.items_per_step:
+            rates[f"{self.item_name}_per_s"] = steps * self.items_per_step / seconds
+        return rates
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        rates = self.rates(step)
+        remaining = (self.total_steps - step) / max(rates["steps_per_s"], 1e-9)
+        shown = ", ".join(f"{k}={_format(_plain(v))}" for k, v in metrics.items())
+        line = (f"step {step}/{self.total_steps} | {rates['steps_per_s']:.2f} steps/s"
+                + (f", {rates[self.item_name + '_per_s']:.0f} {self.item_name}/s"
+                   if self.items_per_step else "")
+                + f" | ETA {_duration(remaining)} | {shown}")
+        if jax.process_index() == 0:
+            logging.info(line)
+        return rates
+
+
+def _format(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def check_finite(step: int, metrics: Mapping[str, Any], last_checkpoint: int | None) -> None:
+    """Raises `FloatingPointError` naming the step and every non-finite metric."""
+    bad = {k: _plain(v) for k, v in metrics.items()
+           if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))}
+    if bad:
+        where = (f"the last good checkpoint (step {last_checkpoint}) is intact"
+                 if last_checkpoint else "no checkpoint had been written")
+        raise FloatingPointError(
+            f"Non-finite metrics at step {step}: {bad}; all metrics: "
+            f"{ {k: _plain(v) for k, v in metrics.items()} }. Training stopped; {where}. "
+            "Lower the learning rate or check the data.")
