@@ -59,7 +59,11 @@ def claim_workdir(workdir: str, config: dict[str, Any], overwrite: bool = False,
 
 class Checkpoints:
     """Saves a pytree every `save_every` steps (and when forced), keeps the last `max_to_keep`,
-    and restores the latest readable one."""
+    and restores the latest readable one.
+
+    Use it as a context manager: leaving the block, also through an exception, waits for the
+    asynchronous saves in flight to be finalised, so a crash never loses a checkpoint it reported.
+    """
 
     def __init__(self, workdir: str, save_every: int, max_to_keep: int = 3):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -94,4 +98,11 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

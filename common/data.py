@@ -121,7 +121,8 @@ def load_idx_dir(directory: str, split: str, name: str = "idx") -> Dataset:
             f"{found[0]} / {found[1]}: images {images.shape} and labels {labels.shape} do not "
             "form a labelled image set."
         )
-    return Dataset(images[..., None].astype(np.uint8), labels.astype(np.int32), name, split, directory)
+    return Dataset(images[..., None].astype(np.uint8), labels.astype(np.int32), name, split,
+                   directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +154,8 @@ def load_digits(split: str) -> Dataset:
 # tensorflow-datasets
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None, download: bool = False) -> Dataset:
+def load_tfds(name: str, split: str, data_dir: str | None = None,
+              download: bool = False) -> Dataset:
     """Loads `name` through tensorflow-datasets as numpy (no TensorFlow graph needed)."""
     import tensorflow_datasets as tfds
 
@@ -234,7 +236,8 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int,
 
 
 def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0,
-            process_index: int = 0, process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            process_index: int = 0,
+            process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Infinite stream of (images, labels) for steps start_step, start_step + 1, ..."""
     step = start_step
     while True:

@@ -7,6 +7,9 @@ local devices, or several hosts (JAX's multi-controller runtime); XLA inserts th
 
 from __future__ import annotations
 
+import socket
+import time
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -36,10 +39,36 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                          "of process 0) and --process_id (0..num_processes-1).")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"--process_id={process_id} is outside 0..{num_processes - 1}.")
+    if process_id != 0:
+        wait_for_coordinator(coordinator_address, timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout_s)
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Waits until `host:port` accepts TCP connections, or raises a clear `TimeoutError`.
+
+    JAX's own client aborts the whole process with a low-level message when the coordinator never
+    answers; probing first turns that into an error that says what to check.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address={address!r} is not host:port.")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"No coordinator answered at {address} within {timeout_s} s ({e}). Start "
+                    "process 0 (--process_id=0) with the same --coordinator_address and "
+                    "--num_processes, check the host and port, or raise "
+                    "--distributed_timeout.") from e
+            time.sleep(0.2)
 
 
 def make_mesh() -> Mesh:
@@ -47,8 +76,9 @@ def make_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Arrays split over the mesh along dimension `axis` (the batch dimension)."""
+    return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
@@ -64,9 +94,10 @@ def check_global_batch(global_batch: int, mesh: Mesh, what: str = "batch size") 
     return global_batch // num_devices
 
 
-def shard_batch(mesh: Mesh, local_batch):
-    """Assembles each process's share of a batch (a pytree of numpy arrays) into global arrays."""
-    sharding = batch_sharding(mesh)
+def shard_batch(mesh: Mesh, local_batch, axis: int = 0):
+    """Assembles each process's share of a batch (a pytree of numpy arrays, batch dimension
+    `axis`) into global arrays sharded over the mesh along that dimension."""
+    sharding = batch_sharding(mesh, axis)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                         local_batch)
 

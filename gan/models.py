@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gan import subpixel
+
 IMAGE_SHAPE = (28, 28, 1)
 NOISE_DIM = 100
 
@@ -41,7 +43,23 @@ def _leaky_relu(x: jax.Array) -> jax.Array:
 
 class DCGANGenerator(nn.Module):
     """Dense(7*7*256) -> BN -> LReLU -> ConvT(128, 5, 1) -> BN -> LReLU -> ConvT(64, 5, 2) -> BN
-    -> LReLU -> ConvT(1, 5, 2) -> tanh; no biases (batch norm follows, or tanh at the output)."""
+    -> LReLU -> ConvT(1, 5, 2) -> tanh; no biases (batch norm follows, or tanh at the output).
+
+    `conv_transpose="phase"` computes the transposed convolutions as sub-pixel convolutions
+    (`gan.subpixel`), the same function with the same parameters, fast on XLA's CPU backend;
+    "lax" uses `nn.ConvTranspose` (`lax.conv_transpose`), the reference.
+    """
+
+    conv_transpose: str = "phase"
+
+    def _deconv(self, features: int, stride: int, name: str) -> nn.Module:
+        if self.conv_transpose == "lax":
+            return nn.ConvTranspose(features, (5, 5), strides=(stride, stride), padding="SAME",
+                                    use_bias=False, kernel_init=_glorot, name=name)
+        if self.conv_transpose == "phase":
+            return subpixel.PhaseConvTranspose(features, (5, 5), (stride, stride),
+                                               kernel_init=_glorot, name=name)
+        raise ValueError(f"conv_transpose must be 'phase' or 'lax', got {self.conv_transpose!r}")
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
@@ -49,11 +67,9 @@ class DCGANGenerator(nn.Module):
         x = _leaky_relu(_keras_batch_norm(train, "bn0")(x))
         x = x.reshape(x.shape[0], 7, 7, 256)
         for i, (features, stride) in enumerate(((128, 1), (64, 2))):
-            x = nn.ConvTranspose(features, (5, 5), strides=(stride, stride), padding="SAME",
-                                 use_bias=False, kernel_init=_glorot, name=f"deconv{i}")(x)
+            x = self._deconv(features, stride, f"deconv{i}")(x)
             x = _leaky_relu(_keras_batch_norm(train, f"bn{i + 1}")(x))
-        x = nn.ConvTranspose(1, (5, 5), strides=(2, 2), padding="SAME", use_bias=False,
-                             kernel_init=_glorot, name="deconv2")(x)
+        x = self._deconv(1, 2, "deconv2")(x)
         return jnp.tanh(x)
 
 

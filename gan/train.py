@@ -28,7 +28,7 @@ import optax
 from absl import logging
 
 from common import checkpoints, data, images, metrics, parallel
-from gan import losses, models
+from gan import evaluate, losses, models
 
 SCHEDULES = ("sequential", "simultaneous")
 OPTIMIZERS = ("adam", "sgd_momentum")
@@ -64,6 +64,15 @@ class Config:
     checkpoint_every: int = 1000
     sample_every: int = 500
     num_samples: int = 64
+    # Evaluation (gan.evaluate): every `eval_every` steps during training (0: never), and by
+    # `launch.gan --evaluate_only`.
+    eval_every: int = 0
+    eval_num_samples: int = 10_000
+    eval_num_real: int = 10_000
+    eval_num_validation: int = 1_000
+    eval_parzen: bool = True
+    classifier_dir: str | None = None
+    classifier_epochs: int = 5
 
     def validate(self) -> None:
         choices = {"model": tuple(models.MODELS), "loss": tuple(losses.LOSSES),
@@ -81,11 +90,14 @@ class Config:
         for field in ("batch_size", "log_every", "checkpoint_every", "sample_every"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}.")
 
 
 # Keys a rerun may change without starting a different run.
 RESUMABLE_KEYS = ("num_steps", "num_epochs", "log_every", "checkpoint_every", "sample_every",
-                  "data_dir", "num_samples")
+                  "data_dir", "num_samples", "eval_every", "eval_num_samples", "eval_num_real",
+                  "eval_num_validation", "eval_parzen", "classifier_dir", "classifier_epochs")
 
 
 @flax.struct.dataclass
@@ -96,6 +108,13 @@ class GANState:
     d_params: Any
     g_opt_state: Any
     d_opt_state: Any
+
+
+def eval_config(config: Config) -> "evaluate.EvalConfig":
+    return evaluate.EvalConfig(num_samples=config.eval_num_samples, num_real=config.eval_num_real,
+                               num_validation=config.eval_num_validation, parzen=config.eval_parzen,
+                               classifier_dir=config.classifier_dir,
+                               classifier_epochs=config.classifier_epochs, seed=config.seed)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -190,7 +209,7 @@ def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GAN
                               d_opt_state=d_opt_state, g_batch_stats=g_batch_stats)
         return state, {"d_loss": d_loss, "d_real": jnp.mean(jax.nn.sigmoid(real_logits)),
                        "d_fake": jnp.mean(jax.nn.sigmoid(fake_logits)),
-                       "d_grad_norm": optax.global_norm(grads)}
+                       "d_grad_norm": optax.tree.norm(grads)}
 
     def g_update(state: GANState, batch: int, key):
         z_key, d_key = jax.random.split(key)
@@ -206,7 +225,7 @@ def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GAN
         updates, g_opt_state = tx.update(grads, state.g_opt_state, state.g_params)
         state = state.replace(g_params=optax.apply_updates(state.g_params, updates),
                               g_opt_state=g_opt_state, g_batch_stats=g_batch_stats)
-        return state, {"g_loss": g_loss, "g_grad_norm": optax.global_norm(grads)}
+        return state, {"g_loss": g_loss, "g_grad_norm": optax.tree.norm(grads)}
 
     def sequential_step(state: GANState, real):
         keys = jax.random.split(jax.random.fold_in(train_key, state.step), config.d_steps + 1)
@@ -241,7 +260,8 @@ def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GAN
         return state, {"d_loss": d_loss, "g_loss": g_loss,
                        "d_real": jnp.mean(jax.nn.sigmoid(real_logits)),
                        "d_fake": jnp.mean(jax.nn.sigmoid(fake_logits)),
-                       "d_grad_norm": optax.global_norm(d_grads), "g_grad_norm": optax.global_norm(g_grads)}
+                       "d_grad_norm": optax.tree.norm(d_grads),
+                       "g_grad_norm": optax.tree.norm(g_grads)}
 
     return sequential_step if config.schedule == "sequential" else simultaneous_step
 
@@ -249,9 +269,8 @@ def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GAN
 def jit_train_step(config: Config, mesh) -> Callable:
     """The train step compiled for `mesh`: state replicated, real batches sharded on axis 1."""
     replicated = parallel.replicated_sharding(mesh)
-    real_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        None, parallel.DATA_AXIS))
-    return jax.jit(make_train_step(config), in_shardings=(replicated, real_sharding),
+    return jax.jit(make_train_step(config),
+                   in_shardings=(replicated, parallel.batch_sharding(mesh, axis=1)),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
@@ -298,7 +317,7 @@ def save_pictures(config: Config, workdir: str, state: GANState, step: int) -> s
                                   samples, value_range=value_range)
     images.save_image_grid(os.path.join(workdir, "samples.png"), samples,
                            value_range=value_range)
-    rows = metrics.read_metrics(workdir)
+    rows = [r for r in metrics.read_metrics(workdir) if "d_loss" in r]  # not evaluation rows
     if rows:
         steps = [r["step"] for r in rows]
         images.save_curves(os.path.join(workdir, "losses.png"),
@@ -328,19 +347,35 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
                  config.batch_size, mesh.devices.size, per_device, jax.process_count(),
                  total_steps)
 
-    ckpts = checkpoints.Checkpoints(workdir, config.checkpoint_every)
     state = parallel.replicate(mesh, create_train_state(config, root_keys(config.seed)[0]))
-    state, start_step = ckpts.restore_latest(state)
-    if start_step:
-        logging.info("Resumed from the checkpoint of step %d.", start_step)
-    writer = metrics.MetricWriter(workdir, resume_step=start_step)
+    with checkpoints.Checkpoints(workdir, config.checkpoint_every) as ckpts:
+        state, start_step = ckpts.restore_latest(state)
+        if start_step:
+            logging.info("Resumed from the checkpoint of step %d.", start_step)
+        writer = metrics.MetricWriter(workdir, resume_step=start_step)
+        try:
+            state = _train_loop(config, workdir, mesh, state, train_images, start_step,
+                                total_steps, ckpts, writer)
+        finally:
+            writer.close()
+    logging.info("Parameter fingerprint at step %d: %s", total_steps, parameter_fingerprint(state))
+    if jax.process_index() == 0:
+        logging.info("Done. Samples: %s  metrics: %s  checkpoints: %s",
+                     os.path.join(workdir, "samples.png"),
+                     os.path.join(workdir, metrics.METRICS_FILE), ckpts.directory)
+    return state
+
+
+def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_images: np.ndarray,
+                start_step: int, total_steps: int, ckpts: checkpoints.Checkpoints,
+                writer: metrics.MetricWriter) -> GANState:
+    """Steps `start_step` to `total_steps`: log, check for NaNs, checkpoint, draw samples."""
     progress = metrics.Progress(total_steps, start_step, config.batch_size * config.d_steps)
     train_step = jit_train_step(config, mesh)
-
     last_checkpoint = start_step or None
     pending = []
     for step in range(start_step, total_steps):
-        real = parallel.shard_batch(mesh, real_batches(train_images, config, step))
+        real = parallel.shard_batch(mesh, real_batches(train_images, config, step), axis=1)
         state, step_metrics = train_step(state, real)
         pending.append(step_metrics)
         done = step + 1
@@ -352,20 +387,15 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
             for offset, row in enumerate(rows):
                 metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
             if is_log:
-                rates = progress.log(done, rows[-1])
-                writer.write(done, {**rows[-1], **rates})
+                writer.write(done, {**rows[-1], **progress.log(done, rows[-1])})
+        if config.eval_every and done % config.eval_every == 0 and jax.process_index() == 0:
+            result = evaluate.evaluate_state(config, state, done, eval_config(config))
+            logging.info("Evaluation at step %d:\n%s", done, evaluate.describe(result))
+            writer.write(done, evaluate.flat_metrics(result))
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             last_checkpoint = done
         if jax.process_index() == 0 and (done % config.sample_every == 0 or done == total_steps):
             writer.flush()
             save_pictures(config, workdir, state, done)
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
-    logging.info("Parameter fingerprint at step %d: %s", total_steps, parameter_fingerprint(state))
-    if jax.process_index() == 0:
-        logging.info("Done. Samples: %s  metrics: %s  checkpoints: %s",
-                     os.path.join(workdir, "samples.png"),
-                     os.path.join(workdir, metrics.METRICS_FILE), ckpts.directory)
     return state

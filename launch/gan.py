@@ -1,9 +1,24 @@
-"""Trains a GAN: `python -m launch.gan --flagfile=launch/configs/demo.flags`."""
+"""Trains a GAN: `python -m launch.gan --flagfile=launch/configs/demo.flags`.
 
-from absl import app, flags
+Evaluates one: `python -m launch.gan --workdir=... --evaluate_only` (latest checkpoint; writes
+`eval.json` next to the checkpoints: FID, FID on logits, Inception Score, Parzen log-likelihood).
+"""
 
-from gan import losses, models, train
-from launch import flags as launch_flags
+import json
+import os
+
+# CPU setting for XLA, applied before JAX starts its backend: route convolutions to XLA's Eigen
+# path rather than YNNPACK, faster for the DCGAN's shapes (benchmarks/gan_speed.py measures both).
+# A user's own XLA_FLAGS value for this flag wins; GAN_DEFAULT_XLA_FLAGS=0 disables the default.
+CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+if (os.environ.get("GAN_DEFAULT_XLA_FLAGS", "1") != "0"
+        and CPU_XLA_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", "")):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAG}".strip()
+
+from absl import app, flags, logging  # noqa: E402
+
+from gan import evaluate, losses, models, train  # noqa: E402
+from launch import flags as launch_flags  # noqa: E402
 
 flags.DEFINE_enum("model", None, list(models.MODELS), "Generator/discriminator pair.")
 flags.DEFINE_enum("loss", None, list(losses.LOSSES), "GAN loss pair.")
@@ -24,12 +39,35 @@ flags.DEFINE_enum("noise", None, list(train.NOISE), "Noise distribution of z.")
 flags.DEFINE_integer("num_epochs", None, "Epochs (ignored when --num_steps is given).")
 flags.DEFINE_integer("sample_every", None, "Write a sample grid every this many steps.")
 flags.DEFINE_integer("num_samples", None, "Images in the sample grid.")
+flags.DEFINE_bool("evaluate_only", False,
+                  "Evaluate the latest checkpoint of --workdir (writes eval.json) instead of "
+                  "training.")
+flags.DEFINE_integer("eval_every", None,
+                     "Compute FID/IS/Parzen every this many steps into metrics.jsonl (0: never).")
+flags.DEFINE_integer("eval_num_samples", None, "Generator samples per evaluation (10,000).")
+flags.DEFINE_integer("eval_num_real", None, "Real test images per evaluation (10,000).")
+flags.DEFINE_integer("eval_num_validation", None,
+                     "Training images held out to choose the Parzen sigma (1,000).")
+flags.DEFINE_bool("eval_parzen", None, "Include the Parzen-window log-likelihood.")
+flags.DEFINE_string("classifier_dir", None,
+                    "Cache of the FID classifiers (default ~/.cache/l2gl/classifiers).")
+flags.DEFINE_integer("classifier_epochs", None, "Training epochs of the FID classifier.")
 
 
 def main(argv):
     del argv
-    launch_flags.setup()
     config = launch_flags.config_from_flags(train.Config)
+    if launch_flags.FLAGS.evaluate_only:  # no setup(): it would overwrite the run's flags.txt
+        try:
+            result = evaluate.evaluate_workdir(launch_flags.FLAGS.workdir,
+                                               train.eval_config(config))
+        except FileNotFoundError as e:
+            raise SystemExit(f"--evaluate_only: {e}") from e
+        logging.info("Step %d of %s:\n%s", result["step"], launch_flags.FLAGS.workdir,
+                     evaluate.describe(result))
+        print(json.dumps(evaluate.flat_metrics(result)))
+        return
+    launch_flags.setup()
     train.train_and_evaluate(config, launch_flags.FLAGS.workdir, launch_flags.FLAGS.overwrite)
 
 

@@ -1,0 +1,342 @@
+"""DCGAN train-step throughput: ours (JAX) against the TensorFlow DCGAN tutorial's step (Keras).
+
+    python -m benchmarks.gan_speed              # writes benchmarks/results/gan_speed.json
+
+Both steps: the tutorial's DCGAN (same layers, LeakyReLU 0.3, dropout 0.3, batch norm), the
+non-saturating losses from one forward pass, Adam(1e-4, eps 1e-7) for both networks, batch 256.
+The TensorFlow step is the tutorial's `train_step` under `tf.function`. Both run in this process on
+the same Fashion-MNIST batches, alternating ours / theirs every repeat after a warm-up; each figure
+is the median over repeats. Only the ratio is meaningful on a shared machine.
+
+Also reported: the FLOPs of our compiled step (XLA's cost analysis) as a fraction of this machine's
+fp32 matmul peak measured here, a per-op profile of our step (XLA ops from a JAX profiler trace),
+and the peak resident memory of a training process at batch 64, 256 and 1024 (one subprocess
+each). `--env_compare` reruns the ours/TF comparison in a subprocess with the CPU settings
+(XLA_FLAGS routing convolutions away from YNNPACK, as `launch/gan.py` sets by default, and
+GLIBC_TUNABLES hugetlb malloc); the main process measures the environment it was started in.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_integer("batch_size", 256, "Batch size of both steps.")
+flags.DEFINE_integer("steps", 5, "Steps per timed repeat.")
+flags.DEFINE_integer("repeats", 5, "Alternating repeats (median reported).")
+flags.DEFINE_integer("child_batch", None, "Internal: measure peak RSS of training at this batch.")
+flags.DEFINE_bool("child_ratio", False, "Internal: print only the ours/TF figures as JSON.")
+flags.DEFINE_bool("env_compare", True, "Also compare with/without the launcher's CPU settings.")
+flags.DEFINE_integer("env_steps", 3, "Steps per repeat of the --env_compare subprocess.")
+flags.DEFINE_integer("env_repeats", 3, "Repeats of the --env_compare subprocess.")
+flags.DEFINE_string("output", "benchmarks/results/gan_speed.json", "Where to write the JSON.")
+FLAGS = flags.FLAGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+HUGETLB = "glibc.malloc.hugetlb=1"
+NOISE_DIM = 100
+
+
+def real_batches(batch_size: int, count: int) -> list[np.ndarray]:
+    from common import data
+    try:
+        images = data.load("fashion_mnist", "train").images
+    except data.DataNotFoundError:
+        images = data.load("digits", "train").images
+    rng = np.random.default_rng(0)
+    return [data.to_float(images[rng.choice(len(images), batch_size, replace=False)])
+            for _ in range(count)]
+
+
+# --------------------------------------------------------------------------------------------
+# Ours
+
+
+def our_step(batch_size: int):
+    """(step(real) -> metrics, compiled executable) of our DCGAN with the tutorial's settings."""
+    import jax
+    from gan import train
+    config = train.Config(model="dcgan", loss="non_saturating", schedule="simultaneous",
+                          optimizer="adam", learning_rate=1e-4, adam_eps=1e-7,
+                          batch_size=batch_size)
+    state = train.create_train_state(config, jax.random.PRNGKey(0))
+    jitted = jax.jit(train.make_train_step(config), donate_argnums=(0,))
+    holder = {"state": state}
+
+    def step(real: np.ndarray):
+        holder["state"], metrics = jitted(holder["state"], real[None])
+        return metrics
+
+    example = np.zeros((1, batch_size, 28, 28, 1), np.float32)
+    compiled = jitted.lower(state, example).compile()
+    return step, compiled
+
+
+def time_ours(step, batches) -> float:
+    import jax
+    start = time.perf_counter()
+    for real in batches:
+        metrics = step(real)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# The TensorFlow tutorial
+
+
+def tf_step(batch_size: int):
+    """The tutorial's models, losses, optimizers and `train_step`, verbatim up to the batch."""
+    import tensorflow as tf
+    from tensorflow.keras import layers
+
+    def make_generator_model():
+        model = tf.keras.Sequential([
+            layers.Input((NOISE_DIM,)),
+            layers.Dense(7 * 7 * 256, use_bias=False), layers.BatchNormalization(),
+            layers.LeakyReLU(), layers.Reshape((7, 7, 256)),
+            layers.Conv2DTranspose(128, (5, 5), strides=(1, 1), padding="same", use_bias=False),
+            layers.BatchNormalization(), layers.LeakyReLU(),
+            layers.Conv2DTranspose(64, (5, 5), strides=(2, 2), padding="same", use_bias=False),
+            layers.BatchNormalization(), layers.LeakyReLU(),
+            layers.Conv2DTranspose(1, (5, 5), strides=(2, 2), padding="same", use_bias=False,
+                                   activation="tanh")])
+        return model
+
+    def make_discriminator_model():
+        return tf.keras.Sequential([
+            layers.Input((28, 28, 1)),
+            layers.Conv2D(64, (5, 5), strides=(2, 2), padding="same"), layers.LeakyReLU(),
+            layers.Dropout(0.3),
+            layers.Conv2D(128, (5, 5), strides=(2, 2), padding="same"), layers.LeakyReLU(),
+            layers.Dropout(0.3), layers.Flatten(), layers.Dense(1)])
+
+    generator, discriminator = make_generator_model(), make_discriminator_model()
+    cross_entropy = tf.keras.losses.BinaryCrossentropy(from_logits=True)
+    generator_optimizer = tf.keras.optimizers.Adam(1e-4, epsilon=1e-7)
+    discriminator_optimizer = tf.keras.optimizers.Adam(1e-4, epsilon=1e-7)
+
+    def discriminator_loss(real_output, fake_output):
+        return (cross_entropy(tf.ones_like(real_output), real_output)
+                + cross_entropy(tf.zeros_like(fake_output), fake_output))
+
+    def generator_loss(fake_output):
+        return cross_entropy(tf.ones_like(fake_output), fake_output)
+
+    @tf.function
+    def train_step(images):
+        noise = tf.random.normal([batch_size, NOISE_DIM])
+        with tf.GradientTape() as gen_tape, tf.GradientTape() as disc_tape:
+            generated_images = generator(noise, training=True)
+            real_output = discriminator(images, training=True)
+            fake_output = discriminator(generated_images, training=True)
+            gen_loss = generator_loss(fake_output)
+            disc_loss = discriminator_loss(real_output, fake_output)
+        gradients_of_generator = gen_tape.gradient(gen_loss, generator.trainable_variables)
+        gradients_of_discriminator = disc_tape.gradient(disc_loss,
+                                                        discriminator.trainable_variables)
+        generator_optimizer.apply_gradients(zip(gradients_of_generator,
+                                                generator.trainable_variables))
+        discriminator_optimizer.apply_gradients(zip(gradients_of_discriminator,
+                                                    discriminator.trainable_variables))
+        return gen_loss, disc_loss
+
+    return train_step
+
+
+def time_tf(step, batches) -> float:
+    start = time.perf_counter()
+    for real in batches:
+        losses = step(real)
+    float(losses[0])
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+def compare(batch_size: int, steps: int, repeats: int) -> dict:
+    """Alternating repeats of ours and TF on the same batches; medians of images/s."""
+    import tensorflow as tf
+    batches = real_batches(batch_size, steps)
+    ours, _ = our_step(batch_size)
+    theirs = tf_step(batch_size)
+    tf_batches = [tf.constant(b) for b in batches]
+    for _ in range(2):  # warm-up: compile / trace, first-touch of buffers
+        time_ours(ours, batches[:2])
+        time_tf(theirs, tf_batches[:2])
+    ours_s, tf_s = [], []
+    for _ in range(repeats):
+        ours_s.append(time_ours(ours, batches))
+        tf_s.append(time_tf(theirs, tf_batches))
+    ours_ips = [batch_size * steps / s for s in ours_s]
+    tf_ips = [batch_size * steps / s for s in tf_s]
+    return {"images_per_s_ours": statistics.median(ours_ips),
+            "images_per_s_tf": statistics.median(tf_ips),
+            "ratio": statistics.median([a / b for a, b in zip(ours_ips, tf_ips)]),
+            "ms_per_step_ours": 1e3 * statistics.median(ours_s) / steps,
+            "ms_per_step_tf": 1e3 * statistics.median(tf_s) / steps,
+            "images_per_s_ours_all": ours_ips, "images_per_s_tf_all": tf_ips,
+            "tensorflow": tf.__version__}
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of an n x n x n matmul (jitted, XLA CPU)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
+
+
+def step_flops(batch_size: int) -> float:
+    _, compiled = our_step(batch_size)
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def op_profile(batch_size: int, steps: int = 3, top: int = 15) -> list[dict]:
+    """Time per XLA op of our step from a JAX profiler trace (xplane), summed over `steps`."""
+    import jax
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    batches = real_batches(batch_size, steps)
+    ours, compiled = our_step(batch_size)
+    compiled_text = compiled.as_text()
+    time_ours(ours, batches[:2])
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            time_ours(ours, batches)
+        path = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0]
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+    ops = hlo_ops(compiled_text)
+    totals: dict[str, float] = {}
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                if name in ops:
+                    totals[name] = totals.get(name, 0.0) + event.duration_ps * 1e-9 / steps
+    step_ms = sum(totals.values())
+    return [{"op": name, "ms_per_step": ms, "fraction": ms / step_ms, **ops[name]}
+            for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def hlo_ops(hlo_text: str) -> dict[str, dict]:
+    """{instruction name: {shape, source op}} of the compiled module's instructions."""
+    ops = {}
+    for match in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", hlo_text,
+                             re.MULTILINE):
+        name, shape, opcode, rest = match.groups()
+        source = re.search(r'op_name="([^"]*)"', rest)
+        ops[name] = {"hlo": opcode, "shape": shape[:60],
+                     "source": source.group(1).split("/")[-1][:40] if source else ""}
+    return ops
+
+
+def peak_rss_mib(batch_size: int) -> float:
+    """Peak resident memory (MiB) of a process running 3 of our train steps at `batch_size`."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gan_speed",
+                           f"--child_batch={batch_size}", "--env_compare=false"],
+                          capture_output=True, text=True, check=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv):
+    del argv
+    if FLAGS.child_batch:
+        ours, _ = our_step(FLAGS.child_batch)
+        time_ours(ours, real_batches(FLAGS.child_batch, 3))
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        return
+    if FLAGS.child_ratio:
+        steps, repeats = FLAGS.env_steps, FLAGS.env_repeats
+        print(json.dumps({"steps": steps, "repeats": repeats,
+                          **compare(FLAGS.batch_size, steps, repeats)}))
+        return
+    import jax
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "processor": platform.processor()},
+              "versions": {"jax": jax.__version__, "python": platform.python_version()},
+              "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
+              "flags": {k: FLAGS[k].value for k in ("batch_size", "steps", "repeats")},
+              "load_before": load()}
+    result.update(compare(FLAGS.batch_size, FLAGS.steps, FLAGS.repeats))
+    result["load_after_compare"] = load()
+    flops = step_flops(FLAGS.batch_size)
+    peak = matmul_peak_flops()
+    result.update({"flops_per_step": flops, "matmul_peak_flops": peak,
+                   "achieved_flops": flops * result["images_per_s_ours"] / FLAGS.batch_size,
+                   "flops_fraction_of_peak":
+                       flops * result["images_per_s_ours"] / FLAGS.batch_size / peak})
+    result["op_profile"] = op_profile(FLAGS.batch_size)
+    result["peak_rss_mib"] = {str(b): peak_rss_mib(b) for b in (64, 256, 1024)}
+    if FLAGS.env_compare:
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF).strip(),
+                   GLIBC_TUNABLES=HUGETLB, PYTHONPATH=REPO)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gan_speed", "--child_ratio",
+                               f"--batch_size={FLAGS.batch_size}",
+                               f"--env_steps={FLAGS.env_steps}",
+                               f"--env_repeats={FLAGS.env_repeats}"], capture_output=True, text=True,
+                              cwd=REPO, env=env, check=True)
+        result["with_cpu_settings"] = {"XLA_FLAGS": env["XLA_FLAGS"], "GLIBC_TUNABLES": HUGETLB,
+                                       **json.loads(proc.stdout.strip().splitlines()[-1])}
+    result["load_after"] = load()
+    print_table(result)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", FLAGS.output)
+
+
+def print_table(r: dict) -> None:
+    print(f"\nDCGAN train step, batch {r['flags']['batch_size']} (load {r['load_before']} -> "
+          f"{r['load_after']})")
+    print(f"{'':28s}{'ours img/s':>12s}{'TF img/s':>12s}{'ratio':>8s}")
+    rows = [("plain environment", r)]
+    if "with_cpu_settings" in r:
+        rows.append(("YNN off + hugetlb malloc", r["with_cpu_settings"]))
+    for label, x in rows:
+        print(f"{label:28s}{x['images_per_s_ours']:12.1f}{x['images_per_s_tf']:12.1f}"
+              f"{x['ratio']:8.2f}")
+    print(f"FLOPs/step {r['flops_per_step'] / 1e9:.1f} G; achieved {r['achieved_flops'] / 1e9:.1f} "
+          f"GFLOP/s; matmul peak {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; fraction "
+          f"{r['flops_fraction_of_peak']:.3f}")
+    print("peak RSS MiB by batch:", r["peak_rss_mib"])
+    print(f"\n{'op':28s}{'ms/step':>9s}{'share':>7s}  {'hlo':14s}{'shape':28s}source")
+    for op in r["op_profile"]:
+        print(f"{op['op'][:28]:28s}{op['ms_per_step']:9.1f}{op['fraction']:7.1%}  "
+              f"{op['hlo'][:14]:14s}{op['shape'][:28]:28s}{op['source']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
