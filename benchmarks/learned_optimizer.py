@@ -1,0 +1,170 @@
+"""Benchmark of the LSTM optimizer: final losses vs. tuned baselines over meta-training seeds, and
+meta-training speed and memory as a function of the unroll length.
+
+    python -m benchmarks.learned_optimizer --configs=lstm_quadratic,lstm_mlp_digits --seeds=0,1,2
+
+For each config (a launch/configs/*.flags file) and seed, meta-trains in <root>/<config>/seed<k>
+(resuming if already there) and evaluates; the table gives, per task family and horizon, each
+optimizer's mean final loss over test tasks (mean ± sd over seeds), the LSTM's ratio to the
+best-tuned Adam and its rank among the five. Speed: meta-steps/s and the compiled step's
+temporary memory for several unroll lengths, with plain Adam task-steps/s on the same tasks
+timed in the same invocation as the baseline of the ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags
+
+from launch import flags as launch_flags
+from launch import learned_optimizer as launcher  # noqa: F401  (defines the method's flags)
+from learned_optimizers import evaluate, meta_train, tasks
+
+flags.DEFINE_list("configs", ["lstm_quadratic", "lstm_mlp_digits"], "Config files to run.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Meta-training seeds.")
+flags.DEFINE_string("root", "/tmp/learned_optimizer_benchmark", "Where the runs' workdirs go.")
+flags.DEFINE_list("unroll_lengths", ["5", "10", "20", "40"], "Unroll lengths of the speed table.")
+flags.DEFINE_string("speed_config", "lstm_mlp_digits", "Config whose meta-step is timed.")
+flags.DEFINE_integer("speed_steps", 5, "Timed meta-steps per unroll length.")
+flags.DEFINE_string("note", "", "Free text stored with the results (e.g. what was not run).")
+flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results",
+                                           "learned_optimizer.json"), "Result file.")
+FLAGS = flags.FLAGS
+FLAGS.set_default("workdir", "unused")  # the launcher's required flag; runs go under --root
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch",
+                          "configs")
+
+
+def config_from_file(name: str, **overrides) -> meta_train.Config:
+    """The Config a `--flagfile=launch/configs/<name>.flags` launch would build (this re-parses,
+    so resets, every flag: read the benchmark's own flags before calling it)."""
+    FLAGS.unparse_flags()
+    FLAGS([sys.argv[0], f"--flagfile={os.path.join(CONFIG_DIR, name + '.flags')}",
+           "--workdir=unused"])
+    return dataclasses.replace(launch_flags.config_from_flags(meta_train.Config), **overrides)
+
+
+def mean_sd(values) -> dict[str, float]:
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1
+            else 0.0, "n": int(len(values))}
+
+
+def quality(config_names, seeds, root: str) -> dict:
+    out = {}
+    for name in config_names:
+        runs = []
+        for seed in seeds:
+            config = config_from_file(name, seed=seed)
+            workdir = os.path.join(root, name, f"seed{seed}")
+            path = os.path.join(workdir, evaluate.EVAL_FILE)
+            start = time.perf_counter()
+            if not os.path.exists(path):
+                meta_train.train_and_evaluate(config, workdir)
+            with open(path) as f:
+                runs.append(json.load(f))
+            print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+        for family in runs[0]["families"]:
+            per_seed = [r["families"][family] for r in runs]
+            for h in per_seed[0]["comparison"]:
+                out[f"{family}/{h}"] = {
+                    "config": name, "family": family, "horizon": int(h), "seeds": list(seeds),
+                    "mean_final_loss": {opt: mean_sd([r["stats"][opt][h]["mean"] for r in per_seed])
+                                        for opt in per_seed[0]["stats"]},
+                    "ratio_lstm_to_adam": mean_sd([r["comparison"][h]["ratio_lstm_to_adam"]
+                                                   for r in per_seed]),
+                    "lstm_rank": mean_sd([r["comparison"][h]["rank"]["lstm"] for r in per_seed]),
+                    "learning_rates": per_seed[0]["learning_rates"]}
+    return out
+
+
+def time_calls(fn, args, steps: int) -> float:
+    """Seconds per call of `fn(*args)` (returns (carry, out)), after a compile call."""
+    carry, out = fn(*args)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(steps):
+        carry, out = fn(carry, *args[1:])
+    jax.block_until_ready((carry, out))
+    return (time.perf_counter() - start) / steps
+
+
+def speed(name: str, unroll_lengths, steps: int) -> dict:
+    rows = {}
+    for k in unroll_lengths:
+        config = config_from_file(name, unroll_length=k, horizon=4 * k)
+        family = meta_train.make_family(config, "train")
+        state = meta_train.create_meta_state(config, family, jax.random.PRNGKey(0))
+        step = jax.jit(meta_train.make_meta_step(config, family))
+        memory = step.lower(state, family.data).compile().memory_analysis()
+        seconds = time_calls(step, (state, family.data), steps)
+
+        adam = optax.adam(1e-3)
+        trajectories = jax.vmap(lambda key: tasks.start(adam, family, key))(
+            jax.random.split(jax.random.PRNGKey(0), config.meta_batch_size))
+        adam_unroll = jax.jit(jax.vmap(lambda t, data: tasks.unroll(adam, family, t, k, 0, data),
+                                       in_axes=(0, None)))
+        adam_seconds = time_calls(adam_unroll, (trajectories, family.data), steps)
+        task_steps = config.meta_batch_size * k
+        rows[str(k)] = {
+            "meta_steps_per_s": 1.0 / seconds, "task_steps_per_s": task_steps / seconds,
+            "adam_task_steps_per_s": task_steps / adam_seconds,
+            "ratio_meta_training_to_adam_training": adam_seconds / seconds,
+            "temp_memory_mib": getattr(memory, "temp_size_in_bytes", 0) / 2**20}
+        print(f"unroll {k}: {rows[str(k)]}", flush=True)
+    return {"config": name, "rows": rows}
+
+
+def print_table(results: dict) -> None:
+    print("\n| family | horizon | " + " | ".join(["lstm", "sgd", "nag", "rmsprop", "adam"])
+          + " | LSTM/Adam | LSTM rank | seeds |")
+    print("|---" * 10 + "|")
+    for row in results.values():
+        losses = " | ".join(f"{row['mean_final_loss'][o]['mean']:.3g}"
+                            + (f" ± {row['mean_final_loss'][o]['sd']:.2g}" if o == "lstm" else "")
+                            for o in ("lstm", "sgd", "nag", "rmsprop", "adam"))
+        ratio, rank = row["ratio_lstm_to_adam"], row["lstm_rank"]
+        print(f"| {row['family']} | {row['horizon']} | {losses} | {ratio['mean']:.3f} ± "
+              f"{ratio['sd']:.3f} | {rank['mean']:.1f} | {ratio['n']} |")
+
+
+def main(argv):
+    del argv
+    seeds = [int(s) for s in FLAGS.seeds]
+    configs, root, output = list(FLAGS.configs), FLAGS.root, FLAGS.output
+    unrolls, speed_config = [int(k) for k in FLAGS.unroll_lengths], FLAGS.speed_config
+    speed_steps, note = FLAGS.speed_steps, FLAGS.note
+    results = quality(configs, seeds, root)
+    speed_results = speed(speed_config, unrolls, speed_steps) if unrolls else {}
+    previous = {}
+    if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
+        with open(output) as f:
+            previous = json.load(f)
+    results = {**{k: v for k, v in previous.get("quality", {}).items()
+                  if v["config"] not in configs}, **results}
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpu_count": os.cpu_count(), "devices": str(jax.devices())},
+              "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                           "optax": optax.__version__},
+              "flags": {"configs": configs, "seeds": seeds, "root": root,
+                        "unroll_lengths": unrolls, "speed_config": speed_config},
+              "notes": [*previous.get("notes", []), *([note] if note else [])],
+              "quality": results, "speed": speed_results or previous.get("speed", {})}
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(report, f, indent=2)
+    print_table(results)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,206 @@
+"""Task families for learning to optimize, and training one task with any optax optimizer.
+
+A task family samples tasks: `family.sample(key) -> (θ₀, task)`, and defines the loss
+`family.loss(θ, task, key, data)` of parameters θ on the minibatch drawn with `key`. `data` holds
+arrays shared by every task of the family (a dataset's images), passed as an argument rather than
+closed over so that compiled functions do not embed them as constants.
+
+* quadratic -- f(θ) = ||Wθ − y||², θ ∈ R¹⁰, W and y i.i.d. N(0, 1), θ₀ ~ N(0, 0.01²) (the paper).
+* mlp       -- an MLP classifier (one hidden layer of 20 sigmoid units) on minibatches of 128
+               images of a dataset split (optionally average-pooled), cross-entropy loss; the task
+               is an initialisation.
+  Transfer targets of the paper: mlp_40 (40 hidden units), mlp_2layer (two hidden layers of 20),
+  mlp_relu (ReLU instead of sigmoid).
+
+`unroll(tx, family, ...)` trains a task for a number of steps with an optax transformation inside
+`lax.scan` and returns the loss f(θ_t) at every step: the one loop shared by meta-training, the
+baselines and evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common import data as common_data
+
+QUADRATIC_DIM = 10
+MLP_VARIANTS = {  # name -> (hidden layer sizes, activation)
+    "mlp": ((20,), "sigmoid"),
+    "mlp_40": ((40,), "sigmoid"),
+    "mlp_2layer": ((20, 20), "sigmoid"),
+    "mlp_relu": ((20,), "relu"),
+}
+FAMILIES = ("quadratic",) + tuple(MLP_VARIANTS)
+ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFamily:
+    name: str
+    sample: Callable[[jax.Array], tuple[Any, Any]]  # key -> (θ₀, task)
+    loss: Callable[[Any, Any, jax.Array, Any], jax.Array]  # (θ, task, key, data) -> f
+    data: Any = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Quadratics
+
+
+def quadratic_family(dim: int = QUADRATIC_DIM, init_scale: float = 0.01) -> TaskFamily:
+    def sample(key):
+        kw, ky, kt = jax.random.split(key, 3)
+        task = (jax.random.normal(kw, (dim, dim)), jax.random.normal(ky, (dim,)))
+        return init_scale * jax.random.normal(kt, (dim,)), task
+
+    def loss(theta, task, key, data):
+        del key, data
+        w, y = task
+        return jnp.sum((w @ theta - y) ** 2)
+
+    return TaskFamily("quadratic", sample, loss)
+
+
+# --------------------------------------------------------------------------------------------
+# MLP classifiers
+
+
+class MLP(nn.Module):
+    hidden: Sequence[int]
+    activation: str = "sigmoid"
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for width in self.hidden:
+            x = ACTIVATIONS[self.activation](nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def pooled_features(images: np.ndarray, pool: int = 1) -> np.ndarray:
+    """uint8 [N, H, W, C] images as float32 [N, (H/pool)(W/pool)C] in [0, 1], pool×pool averaged."""
+    n, height, width, channels = images.shape
+    if height % pool or width % pool:
+        raise ValueError(f"pool {pool} does not divide the image size {height}x{width}.")
+    x = images.astype(np.float32).reshape(n, height // pool, pool, width // pool, pool, channels)
+    return (x.mean(axis=(2, 4)) / 255.0).reshape(n, -1)
+
+
+def mlp_family(images: np.ndarray, labels: np.ndarray, variant: str = "mlp",
+               batch_size: int = 128, pool: int = 1) -> TaskFamily:
+    """Classifier tasks on (images uint8 [N, H, W, C], labels [N]); a task is an initialisation.
+
+    `pool` > 1 averages pool×pool pixel blocks first: the LSTM's cost is linear in the number of
+    parameters, and 28x28 inputs make meta-training too slow for a CPU.
+    """
+    if variant not in MLP_VARIANTS:
+        raise ValueError(f"Unknown MLP variant {variant!r}; choose one of {tuple(MLP_VARIANTS)}.")
+    if batch_size > len(labels):
+        raise ValueError(f"batch size {batch_size} exceeds the {len(labels)} examples available.")
+    hidden, activation = MLP_VARIANTS[variant]
+    model = MLP(hidden, activation, num_classes=int(np.max(labels)) + 1)
+    features = pooled_features(np.asarray(images), pool)
+
+    def sample(key):
+        return model.init(key, jnp.zeros((1, features.shape[1])))["params"], ()
+
+    def loss(params, task, key, data):
+        del task
+        images_, labels_ = data
+        idx = jax.random.randint(key, (batch_size,), 0, labels_.shape[0])
+        logits = model.apply({"params": params}, images_[idx])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels_[idx]).mean()
+
+    return TaskFamily(variant, sample, loss, (jnp.asarray(features), jnp.asarray(labels, jnp.int32)))
+
+
+DATA_SPLITS = ("train_test", "test_halves")
+
+
+def load_split(dataset: str, split: str, data_dir: str | None = None,
+               data_split: str = "train_test") -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of `split` ('train' for meta-training, 'test' held out).
+
+    data_split='train_test' uses the dataset's own splits; 'test_halves' splits the test split in
+    two fixed disjoint halves (for MNIST where only the test files are at hand).
+    """
+    if data_split not in DATA_SPLITS:
+        raise ValueError(f"Unknown data_split {data_split!r}; choose one of {DATA_SPLITS}.")
+    if data_split == "train_test":
+        ds = common_data.load(dataset, split, data_dir)
+        return ds.images, ds.labels
+    ds = common_data.load(dataset, "test", data_dir)
+    order = np.random.default_rng(0).permutation(len(ds))
+    half = order[:len(ds) // 2] if split == "train" else order[len(ds) // 2:]
+    return ds.images[half], ds.labels[half]
+
+
+def make_family(name: str, dataset: str = "digits", split: str = "train",
+                data_dir: str | None = None, batch_size: int = 128,
+                data_split: str = "train_test", pool: int = 1) -> TaskFamily:
+    if name == "quadratic":
+        return quadratic_family()
+    if name not in MLP_VARIANTS:
+        raise ValueError(f"Unknown task family {name!r}; choose one of {FAMILIES}.")
+    images, labels = load_split(dataset, split, data_dir, data_split)
+    return mlp_family(images, labels, name, batch_size, pool)
+
+
+# --------------------------------------------------------------------------------------------
+# Training one task with an optax transformation
+
+
+class Trajectory(NamedTuple):
+    """A task being trained: parameters, optimizer state, the task and its minibatch key."""
+    params: Any
+    opt_state: Any
+    task: Any
+    key: jax.Array
+
+
+def start(tx: optax.GradientTransformation, family: TaskFamily, key: jax.Array) -> Trajectory:
+    """A fresh task drawn with `key`, at θ₀ with `tx`'s initial state."""
+    task_key, batch_key = jax.random.split(key)
+    params, task = family.sample(task_key)
+    return Trajectory(params, tx.init(params), task, batch_key)
+
+
+def unroll(tx: optax.GradientTransformation, family: TaskFamily, traj: Trajectory,
+           num_steps: int, first_step: jax.Array | int = 0, data: Any = None,
+           second_order: bool = True) -> tuple[Trajectory, jax.Array]:
+    """`num_steps` updates of `tx` from step `first_step`; returns (trajectory, [f(θ_t)]).
+
+    Step t evaluates f(θ_t) and ∇f(θ_t) on minibatch fold_in(key, t), then θ_{t+1} = θ_t + u_t.
+    With `second_order=False` the gradient fed to `tx` is a constant for differentiation (the
+    paper's choice: no second derivatives of f in the meta-gradient).
+    """
+    data = family.data if data is None else data
+    value_and_grad = jax.value_and_grad(family.loss)
+
+    def step(carry, t):
+        params, opt_state = carry
+        loss, grads = value_and_grad(params, traj.task, jax.random.fold_in(traj.key, t), data)
+        if not second_order:
+            grads = jax.lax.stop_gradient(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    steps = first_step + jnp.arange(num_steps)
+    (params, opt_state), losses = jax.lax.scan(step, (traj.params, traj.opt_state), steps)
+    return traj._replace(params=params, opt_state=opt_state), losses
+
+
+def learning_curve(tx: optax.GradientTransformation, family: TaskFamily, key: jax.Array,
+                   num_steps: int, data: Any = None) -> jax.Array:
+    """f(θ_t) for t = 0 .. num_steps of a fresh task trained by `tx` (num_steps + 1 values)."""
+    data = family.data if data is None else data
+    traj, losses = unroll(tx, family, start(tx, family, key), num_steps, 0, data)
+    final = family.loss(traj.params, traj.task, jax.random.fold_in(traj.key, num_steps), data)
+    return jnp.append(losses, final)

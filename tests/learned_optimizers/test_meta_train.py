@@ -1,0 +1,127 @@
+"""Meta-training: the truncated meta-gradient against finite differences, model selection,
+resume, the 4-device meta-step, and a short meta-training that must help."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import metrics
+from learned_optimizers import lstm, meta_train, tasks
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY = meta_train.Config(hidden_size=4, unroll_length=3, horizon=6, meta_batch_size=2,
+                         second_order=True)
+
+
+def directional_check(config, eps=1e-6):
+    """(⟨∇L, v⟩ by autodiff, central finite difference of L along v) for a random v."""
+    family = tasks.quadratic_family()
+    phi = lstm.init_meta_params(jax.random.PRNGKey(0), config.preprocessing, config.hidden_size,
+                                output_init_scale=1.0)
+    trajectories = meta_train.fresh_trajectories(config, family, jax.random.PRNGKey(1))
+    # start mid-horizon from a state the optimizer produced, as in truncated BPTT
+    _, trajectories = meta_train.truncated_meta_loss(config, family, phi, trajectories, 0, ())
+    loss = jax.jit(lambda p: meta_train.truncated_meta_loss(config, family, p, trajectories, 3,
+                                                            ())[0])
+    leaves, treedef = jax.tree.flatten(phi)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    v = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    along = lambda s: jax.tree.map(lambda p, d: p + s * d, phi, v)  # noqa: E731
+    grad = jax.jit(jax.grad(loss))(phi)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
+    numeric = (loss(along(eps)) - loss(along(-eps))) / (2 * eps)
+    return float(analytic), float(numeric)
+
+
+def test_truncated_meta_gradient_equals_finite_differences_in_float64():
+    with jax.enable_x64(True):
+        analytic, numeric = directional_check(TINY)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+        # dropping second derivatives changes the gradient: the flag is not a no-op
+        first_order, _ = directional_check(dataclasses.replace(TINY, second_order=False))
+        assert abs(first_order - numeric) > 1e-4 * abs(numeric)
+
+
+def test_select_best_keeps_the_lowest_validation_loss():
+    first, second = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    state = meta_train.MetaState(step=0, meta_params=first, meta_opt_state=(), trajectories=(),
+                                 best_meta_params=first, best_validation_loss=jnp.inf)
+    state = meta_train.select_best(state, jnp.float32(2.0))
+    state = meta_train.select_best(state.replace(meta_params=second), jnp.float32(3.0))
+    assert float(state.best_validation_loss) == 2.0
+    np.testing.assert_array_equal(state.best_meta_params["w"], first["w"])
+    state = meta_train.select_best(state, jnp.float32(1.0))
+    np.testing.assert_array_equal(state.best_meta_params["w"], second["w"])
+
+
+SHORT = meta_train.Config(meta_batch_size=16, num_steps=40, log_every=20, validate_every=20,
+                          checkpoint_every=20, num_validation_tasks=16, meta_learning_rate=3e-3,
+                          evaluate=False)
+
+
+def test_short_meta_training_beats_the_untrained_lstm_and_resumes_exactly(tmp_path):
+    workdir = str(tmp_path / "run")
+    straight = meta_train.meta_train(SHORT, workdir)
+    rows = metrics.read_metrics(workdir)
+    # a crash after step 20: the last checkpoint and metrics are lost; the same command resumes
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(SHORT.num_steps)))
+    resumed = meta_train.meta_train(SHORT, workdir)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    without_rates = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_per_s")}  # noqa: E731
+                                  for r in rows]
+    assert without_rates(metrics.read_metrics(workdir)) == without_rates(rows)
+
+    family = tasks.quadratic_family()
+    _, test_keys = meta_train.eval_keys(0, 1, 32)
+    untrained = lstm.init_meta_params(meta_train.root_keys(SHORT.seed)[0], SHORT.preprocessing)
+    loss_at_horizon = jax.jit(lambda phi: jax.vmap(lambda key: tasks.learning_curve(
+        meta_train.make_optimizer(SHORT, phi), family, key, SHORT.horizon)[-1])(test_keys).mean())
+    trained_loss = loss_at_horizon(straight.best_meta_params)
+    assert trained_loss < 0.25 * loss_at_horizon(untrained)
+    saved, settings = lstm.load(os.path.join(workdir, meta_train.META_PARAMS_FILE))
+    assert settings == {"scale": SHORT.output_scale, "preprocessing": SHORT.preprocessing}
+    np.testing.assert_allclose(loss_at_horizon(saved), trained_loss, rtol=1e-6)
+
+
+FOUR_DEVICES = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    from common import parallel
+    from learned_optimizers import meta_train, tasks
+    assert jax.device_count() == 4, jax.devices()
+    config = meta_train.Config(hidden_size=8, meta_batch_size=8, unroll_length=5, horizon=10)
+    family = tasks.quadratic_family()
+    initial = jax.jit(lambda key: meta_train.create_meta_state(config, family, key))(
+        jax.random.PRNGKey(0))
+    results = []
+    for mesh in (Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,)), parallel.make_mesh()):
+        state = meta_train.place(initial, meta_train.state_shardings(mesh, initial))
+        step = meta_train.jit_meta_step(config, family, mesh, state)
+        for _ in range(3):  # a fresh meta-batch, then two unrolls continuing it
+            state, m = step(state, parallel.replicate(mesh, ()))
+        results.append((parallel.to_host(state.meta_params), parallel.to_host(state.trajectories),
+                        float(m["meta_loss"])))
+        assert len(state.trajectories.params.sharding.device_set) == mesh.devices.size
+    (p1, t1, l1), (p4, t4, l4) = results
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((p1, t1)), jax.tree.leaves((p4, t4))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    print("OK")
+""")
+
+
+def test_four_device_meta_step_equals_single_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
