@@ -1,0 +1,276 @@
+"""MAML benchmark: meta-steps/s of our jitted meta-step vs an independent PyTorch MAML, where the
+time goes, peak memory vs inner steps, and the accuracies of finished *_cpu runs.
+
+    .venv/bin/python -m benchmarks.maml [--repeats=3] [--steps=3] [--runs_dir=runs]
+
+PyTorch (`torch==2.13.0` CPU build, the `[bench]` extra): the same Conv4 (bias-free convolutions,
+offset-only batch-statistics norm, spatial mean, linear head) and the same meta-step written the
+usual way -- a Python loop over tasks, `torch.autograd.grad(create_graph=not first_order)` in the
+inner loop, the mean query loss backpropagated, Adam. Both run on the same episodes, alternating
+within this process, so contention from other processes hits both alike. Writes
+benchmarks/results/maml.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+
+# OpenMP threads that spin while waiting collapse on a shared, oversubscribed CPU (measured here:
+# PyTorch 2.2 s vs 0.10 s per task); let them sleep, as JAX's thread pool does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import parallel
+from maml import core, tasks, train
+
+SETTINGS = {  # name: (ways, shots, meta-batch, inner steps, inner lr)
+    "5way1shot": (5, 1, 32, 1, 0.4),
+    "20way1shot": (20, 1, 16, 5, 0.1),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# The PyTorch reference
+
+
+def torch_maml(ways: int, inner_steps: int, inner_lr: float, first_order: bool, filters=64):
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(filters, 1, 3, 3)] + [(filters, filters, 3, 3)] * 3
+    weights = [torch.randn(s, generator=gen) * (1.0 / np.sqrt(np.prod(s[1:]))) for s in shapes]
+    weights += [torch.randn(filters, ways, generator=gen) / np.sqrt(filters), torch.zeros(ways)]
+    offsets = [torch.zeros(filters) for _ in range(4)]
+    fast = [w.requires_grad_() for w in weights]
+    slow = [o.requires_grad_() for o in offsets]
+    optimizer = torch.optim.Adam(fast + slow, lr=1e-3)
+
+    def forward(params, x):
+        for i in range(4):
+            if x.shape[-1] % 2:  # "SAME" for stride 2: odd sizes pad 1 | 1, even 0 | 1
+                x = F.conv2d(x, params[i], stride=2, padding=1)
+            else:
+                x = F.conv2d(F.pad(x, (0, 1, 0, 1)), params[i], stride=2)
+            x = F.relu(F.batch_norm(x, None, None, None, slow[i], training=True, eps=1e-3))
+        return x.mean((2, 3)) @ params[4] + params[5]
+
+    def step(support_x, support_y, query_x, query_y):
+        optimizer.zero_grad()
+        total = 0.0
+        for t in range(support_x.shape[0]):
+            params = fast
+            for _ in range(inner_steps):
+                loss = F.cross_entropy(forward(params, support_x[t]), support_y[t])
+                grads = torch.autograd.grad(loss, params, create_graph=not first_order)
+                params = [p - inner_lr * g for p, g in zip(params, grads)]
+            query_loss = F.cross_entropy(forward(params, query_x[t]), query_y[t])
+            (query_loss / support_x.shape[0]).backward()
+            total += float(query_loss.detach())
+        optimizer.step()
+        return total / support_x.shape[0]
+
+    return step
+
+
+def to_torch(batch):
+    import torch
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3)))  # noqa: E731
+    return (nchw(batch["support"]["x"]), torch.from_numpy(batch["support"]["y"].astype(np.int64)),
+            nchw(batch["query"]["x"]), torch.from_numpy(batch["query"]["y"].astype(np.int64)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ours
+
+
+def our_config(name: str, first_order: bool, task_batching="auto", conv_impl="auto"):
+    ways, shots, batch, steps, lr = SETTINGS[name]
+    return train.Config(dataset="omniglot", ways=ways, shots=shots, queries=shots,
+                        batch_size=batch, inner_steps=steps, inner_lr=lr,
+                        first_order=first_order, task_batching=task_batching,
+                        conv_impl=conv_impl)
+
+
+def our_step(config: train.Config):
+    mesh = parallel.make_mesh()
+    optimizer = core.make_optimizer(config.meta_lr)
+    state = parallel.replicate(mesh, train.create_train_state(config, jax.random.PRNGKey(0)))
+    step = core.make_meta_step(train.make_learner(config), config.meta_config(), optimizer, mesh)
+    holder = {"state": state}
+
+    def run(batch):
+        holder["state"], out = step(holder["state"], batch)
+        return float(out["meta_loss"])
+
+    return run, lambda b: parallel.shard_batch(mesh, b), step, holder
+
+
+def flops_and_memory(step, holder, batch) -> dict:
+    compiled = step.lower(holder["state"], batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    return {"flops": float(cost.get("flops", float("nan"))),
+            "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1))}
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def stage_table(config: train.Config, batch_np) -> dict[str, float]:
+    """Seconds of the stages of our step (each jitted alone): forward of all tasks, the inner
+    adaptation (support forward + backward), and the full meta-gradient."""
+    learner = train.make_learner(config)
+    meta_config = config.meta_config()
+    state = train.create_train_state(config, jax.random.PRNGKey(0))
+    mp = state.meta_params
+    batch = jax.device_put(batch_np)
+    fns = {
+        "query forward (all tasks)": jax.jit(jax.vmap(
+            lambda mp, t: learner.query_loss(mp["fast"], mp["slow"], t["support"], t["query"])[0],
+            in_axes=(None, 0))),
+        "inner adaptation (all tasks)": jax.jit(jax.vmap(
+            lambda mp, t: core.adapt(mp["fast"], t["support"],
+                                     lambda f, b: learner.support_loss(f, mp["slow"], b),
+                                     mp["inner_lr"], meta_config.inner_steps,
+                                     meta_config.first_order), in_axes=(None, 0))),
+        "meta-gradient (full)": jax.jit(lambda mp, b: core.meta_gradient(
+            mp, b, jnp.ones(1), learner, meta_config)),
+    }
+    out = {}
+    for name, f in fns.items():
+        jax.block_until_ready(f(mp, batch))
+        t = time.perf_counter()
+        jax.block_until_ready(f(mp, batch))
+        out[name] = time.perf_counter() - t
+    return out
+
+
+def torch_profile(step, batch) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(*batch)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6,
+             "share": e.self_cpu_time_total / total} for e in rows]
+
+
+def accuracies(runs_dir: str) -> dict:
+    found = {}
+    if not os.path.isdir(runs_dir):
+        return found
+    for name in sorted(os.listdir(runs_dir)):
+        path = os.path.join(runs_dir, name, "results.json")
+        if name.startswith("maml") and os.path.exists(path):
+            with open(path) as f:
+                results = json.load(f)
+            rows = [json.loads(line) for line in open(os.path.join(runs_dir, name,
+                                                                    "metrics.jsonl"))]
+            found[name] = {"results": results, "meta_iterations": rows[-1]["step"] if rows else 0}
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--settings", default="5way1shot,20way1shot")
+    parser.add_argument("--memory_steps", default="1,5,10")
+    parser.add_argument("--runs_dir", default="runs")
+    parser.add_argument("--out", default="benchmarks/results/maml.json")
+    args = parser.parse_args()
+    import torch
+
+    data = np.random.default_rng(0).integers(0, 256, (200, 20, 28, 28), np.uint8)
+    peak = matmul_peak_flops()
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+               "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                            "numpy": np.__version__},
+               "flags": vars(args), "matmul_peak_flops_per_s": peak, "speed": {}}
+    print(f"matmul peak (1024^2, jax, this invocation): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'setting':22s} {'ours s/step':>12s} {'torch s/step':>12s} {'ratio':>7s} "
+          f"{'GFLOP/s':>8s}")
+    for name in args.settings.split(","):
+        ways, shots, meta_batch, _, _ = SETTINGS[name]
+        for first_order in (False, True):
+            config = our_config(name, first_order)
+            batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
+            ours, put, step, holder = our_step(config)
+            theirs = torch_maml(ways, config.inner_steps, config.inner_lr, first_order)
+            on_device, torch_batch = put(batch), to_torch(batch)
+            ours(on_device)  # compile
+            theirs(*torch_batch)
+            times = {"ours": [], "torch": []}
+            for _ in range(args.repeats):
+                for who, fn, arg in (("ours", ours, on_device), ("torch", theirs, torch_batch)):
+                    t = time.perf_counter()
+                    for _ in range(args.steps):
+                        fn(arg) if who == "ours" else fn(*arg)
+                    times[who].append((time.perf_counter() - t) / args.steps)
+            s_ours, s_torch = float(np.median(times["ours"])), float(np.median(times["torch"]))
+            cost = flops_and_memory(step, holder, on_device)
+            key = f"{name}_{'first' if first_order else 'second'}_order"
+            results["speed"][key] = {
+                "meta_batch": meta_batch, "inner_steps": config.inner_steps,
+                "conv_impl": train.resolve_conv_impl(config.conv_impl),
+                "task_batching": core.resolve_task_batching(config.task_batching),
+                "seconds_per_step_ours": times["ours"], "seconds_per_step_torch": times["torch"],
+                "meta_steps_per_s_ours": 1 / s_ours, "meta_steps_per_s_torch": 1 / s_torch,
+                "ratio": s_torch / s_ours, "flops_per_step": cost["flops"],
+                "achieved_flops_per_s": cost["flops"] / s_ours,
+                "fraction_of_matmul_peak": cost["flops"] / s_ours / peak}
+            print(f"{key:22s} {s_ours:12.3f} {s_torch:12.3f} {s_torch / s_ours:7.2f} "
+                  f"{cost['flops'] / s_ours / 1e9:8.1f}", flush=True)
+            if not first_order:
+                results["speed"][key]["stages_ours_s"] = stage_table(config, batch)
+                results["speed"][key]["torch_top_ops"] = torch_profile(theirs, torch_batch)
+            write(args.out, results)
+    name = "5way1shot"
+    ways, shots, meta_batch, _, _ = SETTINGS[name]
+    batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
+    results["peak_memory_bytes_vs_inner_steps"] = {}
+    for steps in (int(s) for s in args.memory_steps.split(",") if s):
+        config = dataclasses.replace(our_config(name, False), inner_steps=steps)
+        _, put, step, holder = our_step(config)
+        temp = flops_and_memory(step, holder, put(batch))["temp_bytes"]
+        results["peak_memory_bytes_vs_inner_steps"][steps] = temp
+        print(f"5-way 1-shot meta-batch 32, second order, {steps:2d} inner steps: XLA temp "
+              f"buffers {temp / 2**20:.1f} MiB", flush=True)
+        write(args.out, results)
+    results["accuracies"] = accuracies(args.runs_dir)
+    for run, value in results["accuracies"].items():
+        print(run, value)
+    write(args.out, results)
+    print("wrote", args.out)
+
+
+def write(path: str, results: dict) -> None:
+    """Writes what is measured so far (a long benchmark leaves partial results if stopped)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()

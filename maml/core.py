@@ -1,0 +1,283 @@
+"""MAML as pure functions: inner-loop adaptation, the meta-objective over a meta-batch of tasks, and
+the data-parallel meta-step.
+
+Notation. A model's parameters split into *fast* parameters θ, adapted in the inner loop, and *slow*
+parameters φ, only meta-learned (batch-norm offsets: the paper's code does not adapt them). α are
+the inner learning rates. For a task with support set S and query set Q, adaptation is
+
+    θ_0 = θ,    θ_{i+1} = θ_i − α_i ⊙ ∇_θ L_S(θ_i, φ),    i = 0 .. num_steps − 1,
+
+and the meta-objective over a meta-batch of T tasks is
+
+    F(θ, φ, α) = (1/T) Σ_t Σ_i w_i L_Q^t(θ_i^t, φ),
+
+with w the one-hot vector of the last step (MAML) or MAML++'s multi-step weights. Second-order MAML
+differentiates F through the inner gradients; first-order MAML treats ∇_θ L_S as a constant
+(`stop_gradient`), so ∂F/∂θ is the query gradient at the adapted parameters.
+
+Inner learning rates (`MetaConfig.learn_inner_lr`):
+* "none" -- MAML: one fixed scalar α for every parameter and step;
+* "per_parameter" -- Meta-SGD (Li et al., 2017): α has the shape of θ and is meta-learned;
+* "per_layer_per_step" -- MAML++ LSLR (Antoniou et al., 2019): one learned α per tensor and step.
+
+The meta-batch is semantically `jax.vmap` over tasks. How it is computed is `task_batching`:
+"vmap" (the definition; fast on GPU/TPU), "unrolled" (a Python loop over tasks inside the jitted
+step; XLA's CPU backend runs vmapped per-task convolutions as slow grouped convolutions), "map"
+(`lax.map`, sequential, small programs), or "auto" (vmap). All give the same meta-gradient (tested).
+On CPU, what makes vmap fast is the convolution's formulation, chosen by the model (see
+`models.PatchConv` and `train.resolve_conv_impl`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from common import parallel
+
+Params = Any
+Batch = Any
+LEARN_INNER_LR = ("none", "per_parameter", "per_layer_per_step")
+TASK_BATCHING = ("auto", "vmap", "unrolled", "map")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    first_order: bool = False
+    learn_inner_lr: str = "none"
+    multi_step_loss: bool = False  # MAML++: query loss after every inner step, annealed weights
+    multi_step_anneal_steps: int = 10_000  # meta-iterations over which the weights reach the last
+    task_batching: str = "auto"
+
+    def validate(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}.")
+        if self.learn_inner_lr not in LEARN_INNER_LR:
+            raise ValueError(f"Unknown learn_inner_lr {self.learn_inner_lr!r}; choose one of "
+                             f"{', '.join(LEARN_INNER_LR)}.")
+        if self.task_batching not in TASK_BATCHING:
+            raise ValueError(f"Unknown task_batching {self.task_batching!r}; choose one of "
+                             f"{', '.join(TASK_BATCHING)}.")
+
+
+class Learner(NamedTuple):
+    """The two losses that define a family of tasks, as pure functions.
+
+    support_loss(fast, slow, support) -> scalar: the inner-loop loss.
+    query_loss(fast, slow, support, query) -> (scalar, metrics dict): the outer loss; it receives
+    the support set too so a model may take normalisation statistics from it.
+    """
+    support_loss: Callable[[Params, Params, Batch], jax.Array]
+    query_loss: Callable[[Params, Params, Batch, Batch], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class MetaState:
+    step: jax.Array
+    meta_params: Any  # {'fast': θ, 'slow': φ, 'inner_lr': α}
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------------
+# Adaptation
+
+
+def adapt_path(params: Params, support: Batch, loss_fn: Callable[[Params, Batch], jax.Array],
+               inner_lr, num_steps: int, first_order: bool = False) -> list[Params]:
+    """[θ_0, θ_1, ..., θ_num_steps]: plain gradient descent on `loss_fn(θ, support)`.
+
+    `inner_lr` is a float, a pytree broadcasting against `params` (Meta-SGD), or a function of
+    the step index returning either (per-step rates). Written as a Python loop: the steps are few
+    and each is then its own differentiable block.
+    """
+    lr_at = inner_lr if callable(inner_lr) else (lambda i: inner_lr)
+    path = [params]
+    for i in range(num_steps):
+        grads = jax.grad(loss_fn)(path[-1], support)
+        if first_order:
+            grads = jax.lax.stop_gradient(grads)
+        lr = lr_at(i)
+        if jax.tree.structure(lr) == jax.tree.structure(grads):
+            path.append(jax.tree.map(lambda p, g, a: p - a * g, path[-1], grads, lr))
+        else:
+            path.append(jax.tree.map(lambda p, g: p - lr * g, path[-1], grads))
+    return path
+
+
+def adapt(params: Params, support: Batch, loss_fn: Callable[[Params, Batch], jax.Array],
+          inner_lr, num_steps: int, first_order: bool = False) -> Params:
+    """θ_num_steps of `adapt_path`: the parameters after `num_steps` inner SGD steps."""
+    return adapt_path(params, support, loss_fn, inner_lr, num_steps, first_order)[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Meta-parameters and the meta-objective
+
+
+def init_inner_lr(config: MetaConfig, fast: Params):
+    """α as stored in the meta-parameters for `config.learn_inner_lr`."""
+    if config.learn_inner_lr == "per_parameter":
+        return jax.tree.map(lambda p: jnp.full_like(p, config.inner_lr), fast)
+    if config.learn_inner_lr == "per_layer_per_step":
+        return jax.tree.map(lambda p: jnp.full((config.inner_steps,), config.inner_lr, p.dtype),
+                            fast)
+    return jnp.asarray(config.inner_lr, jax.tree.leaves(fast)[0].dtype)
+
+
+def inner_lr_schedule(config: MetaConfig, inner_lr) -> Callable[[int], Any]:
+    """Step index -> α_i, from the stored α. A fixed α gets no gradient."""
+    if config.learn_inner_lr == "per_layer_per_step":
+        return lambda i: jax.tree.map(lambda a: a[i], inner_lr)
+    if config.learn_inner_lr == "none":
+        fixed = jax.lax.stop_gradient(inner_lr)
+        return lambda i: fixed
+    return lambda i: inner_lr
+
+
+def init_meta_params(config: MetaConfig, fast: Params, slow: Params) -> dict:
+    return {"fast": fast, "slow": slow, "inner_lr": init_inner_lr(config, fast)}
+
+
+def step_weights(config: MetaConfig, meta_step) -> jax.Array:
+    """w_i, i = 1..num_steps: MAML's one-hot last step, or MAML++'s annealed multi-step weights.
+
+    MAML++: uniform 1/S at meta-step 0; the non-final weights decay linearly to a floor of 0.03/S at
+    `multi_step_anneal_steps`, the final weight taking the rest (they always sum to 1).
+    """
+    steps = config.inner_steps
+    if not config.multi_step_loss or steps == 1:
+        return jax.nn.one_hot(steps - 1, steps)
+    progress = jnp.clip(jnp.asarray(meta_step, jnp.float32) / config.multi_step_anneal_steps, 0, 1)
+    early = jnp.maximum((1.0 - progress) / steps, 0.03 / steps)
+    return jnp.concatenate([jnp.full((steps - 1,), early), 1.0 - (steps - 1) * early[None]])
+
+
+def task_objective(meta_params: dict, task: dict, weights: jax.Array, learner: Learner,
+                   config: MetaConfig) -> tuple[jax.Array, dict]:
+    """Σ_i w_i L_Q(θ_i, φ) for one task {'support', 'query'}, and the metrics after adaptation."""
+    slow = meta_params["slow"]
+    support, query = task["support"], task["query"]
+    path = adapt_path(meta_params["fast"], support,
+                      lambda fast, batch: learner.support_loss(fast, slow, batch),
+                      inner_lr_schedule(config, meta_params["inner_lr"]),
+                      config.inner_steps, config.first_order)
+    evaluated = path[1:] if config.multi_step_loss else path[-1:]
+    losses = [learner.query_loss(fast, slow, support, query) for fast in evaluated]
+    w = weights if config.multi_step_loss else jnp.ones((1,))
+    loss = sum(w[i] * l for i, (l, _) in enumerate(losses))
+    return loss, losses[-1][1]
+
+
+def resolve_task_batching(task_batching: str) -> str:
+    """'auto' -> 'vmap', the definition. On CPU the models' convolutions are then computed as
+    im2col + matmul (`models.PatchConv`), which vmap turns into fast batched matrix products."""
+    return "vmap" if task_batching == "auto" else task_batching
+
+
+def batch_objective(meta_params: dict, tasks: dict, weights: jax.Array, learner: Learner,
+                    config: MetaConfig) -> tuple[jax.Array, dict]:
+    """The mean over the meta-batch (leading axis of `tasks`) of `task_objective`.
+
+    Semantically `jax.vmap(task_objective, in_axes=(None, 0, None))`; computed per
+    `config.task_batching`.
+    """
+    per_task = functools.partial(task_objective, weights=weights, learner=learner, config=config)
+    strategy = resolve_task_batching(config.task_batching)
+    if strategy == "vmap":
+        losses, metrics = jax.vmap(per_task, in_axes=(None, 0))(meta_params, tasks)
+    elif strategy == "map":
+        losses, metrics = jax.lax.map(lambda task: per_task(meta_params, task), tasks)
+    else:
+        num_tasks = jax.tree.leaves(tasks)[0].shape[0]
+        outs = [per_task(meta_params, jax.tree.map(lambda x, t=t: x[t], tasks))
+                for t in range(num_tasks)]
+        losses, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+
+def meta_gradient(meta_params: dict, tasks: dict, weights: jax.Array, learner: Learner,
+                  config: MetaConfig) -> tuple[dict, jax.Array, dict]:
+    """(∇F, F, metrics) over the meta-batch `tasks`."""
+    (loss, metrics), grads = jax.value_and_grad(batch_objective, has_aux=True)(
+        meta_params, tasks, weights, learner, config)
+    return grads, loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# The meta-step
+
+
+def make_optimizer(meta_lr: float) -> optax.GradientTransformation:
+    """Adam, as the paper's outer optimizer."""
+    return optax.adam(meta_lr)
+
+
+def create_meta_state(config: MetaConfig, fast: Params, slow: Params,
+                      optimizer: optax.GradientTransformation) -> MetaState:
+    meta_params = init_meta_params(config, fast, slow)
+    return MetaState(step=jnp.zeros((), jnp.int32), meta_params=meta_params,
+                     opt_state=optimizer.init(meta_params))
+
+
+def make_meta_step(learner: Learner, config: MetaConfig, optimizer: optax.GradientTransformation,
+                   mesh) -> Callable[[MetaState, dict], tuple[MetaState, dict]]:
+    """`meta_step(state, tasks) -> (state, metrics)`, jitted and data-parallel over `mesh`.
+
+    Tasks (leading axis) are sharded over the mesh axis `data`; each device computes the meta-
+    gradient of its tasks with `config.task_batching`, the gradients are averaged across devices
+    (`pmean`), and the replicated Adam update follows. Equals the single-device step (tested).
+    """
+    config.validate()
+    local_config = dataclasses.replace(
+        config, task_batching=resolve_task_batching(config.task_batching))
+
+    def local(meta_params, tasks, weights):
+        # Device-varying copies: each device differentiates its own tasks' loss. (The gradient
+        # with respect to a replicated value would be summed over devices -- also inside the
+        # inner loop, mixing tasks.)
+        meta_params = jax.lax.pcast(meta_params, parallel.DATA_AXIS, to="varying")
+        grads, loss, metrics = meta_gradient(meta_params, tasks, weights, learner, local_config)
+        return jax.lax.pmean((grads, loss, metrics), parallel.DATA_AXIS)
+
+    sharded_gradient = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
+                                     out_specs=P())
+
+    def meta_step(state: MetaState, tasks: dict):
+        weights = step_weights(config, state.step)
+        grads, loss, metrics = sharded_gradient(state.meta_params, tasks, weights)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
+        state = MetaState(step=state.step + 1,
+                          meta_params=optax.apply_updates(state.meta_params, updates),
+                          opt_state=opt_state)
+        return state, {"meta_loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+
+    replicated = parallel.replicated_sharding(mesh)
+    return jax.jit(meta_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def test_time_lr(config: MetaConfig, inner_lr) -> Callable[[int], Any]:
+    """α_i at test time, where more steps than trained may run: steps beyond `inner_steps` reuse
+    the last learned per-step rate (MAML++)."""
+    schedule = inner_lr_schedule(config, inner_lr)
+    return lambda i: schedule(min(i, config.inner_steps - 1))
+
+
+def adapt_and_evaluate(meta_params: dict, task: dict, learner: Learner, config: MetaConfig,
+                       num_steps: int) -> list[dict]:
+    """Query metrics of one task after 0, 1, ..., num_steps inner steps (no meta-gradient)."""
+    slow = meta_params["slow"]
+    lr_at = test_time_lr(config, meta_params["inner_lr"])
+    path = adapt_path(meta_params["fast"], task["support"],
+                      lambda fast, batch: learner.support_loss(fast, slow, batch), lr_at,
+                      num_steps, first_order=True)
+    return [learner.query_loss(fast, slow, task["support"], task["query"])[1] for fast in path]
