@@ -1,0 +1,106 @@
+"""Child networks: shapes build and train, vanishing feature maps are handled, compile caching."""
+
+import numpy as np
+import pytest
+
+from common import data
+from nas import child, search
+from nas.search_space import cnn_space
+
+CONFIG = child.ChildConfig(num_steps=60, batch_size=16, learning_rate=1e-2, steps_per_call=20,
+                           eval_batch_size=32, validation_size=40)
+
+
+def generated_data(n=200, size=12, seed=0) -> child.ChildData:
+    """Two classes: noise (0), or noise with a bright 4x4 square somewhere (1)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(2, size=n).astype(np.int32)
+    images = rng.integers(0, 60, size=(n, size, size, 1)).astype(np.uint8)
+    for image, label in zip(images, labels):
+        if label:
+            r, c = rng.integers(size - 4, size=2)
+            image[r:r + 4, c:c + 4] += 150
+    dataset = data.Dataset(images, labels, "generated", "train", "test")
+    train, validation = child.carve_validation(dataset, CONFIG.validation_size)
+    return child.ChildData(train, validation, validation)
+
+
+DATA = generated_data()
+SHAPES = [((3, 3, 8, 1),),
+          ((5, 1, 8, 2), (1, 5, 12, 1)),
+          ((3, 3, 8, 2), (7, 7, 8, 2), (1, 1, 8, 1))]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """One trainer for the module, so each architecture shape compiles once."""
+    return child.ChildTrainer(CONFIG, DATA)
+
+
+@pytest.mark.parametrize("layers", SHAPES)
+def test_children_of_several_shapes_build_and_reduce_loss(trainer, layers):
+    params, info = trainer.train(layers)
+    kernels = [params[f"Conv_{i}"]["kernel"].shape for i in range(len(layers))]
+    in_channels = [1] + [f for _, _, f, _ in layers[:-1]]
+    assert kernels == [(fh, fw, c, f) for (fh, fw, f, _), c in zip(layers, in_channels)]
+    side = 12
+    for _, _, _, stride in layers:
+        side = -(-side // stride)  # SAME padding: ceil(n / s)
+    assert info["params"] == sum(fh * fw * c * f + f for (fh, fw, f, _), c
+                                 in zip(layers, in_channels)) + side * side * layers[-1][2] * 2 + 2
+    assert info["loss_end"] < info["loss_start"] - 0.05
+    assert 0.0 <= trainer.accuracy(layers, params, DATA.validation) <= 1.0
+
+
+def test_accuracy_counts_correct_predictions_with_a_padded_last_batch(trainer):
+    layers = SHAPES[0]
+    params, _ = trainer.train(layers, num_steps=10)
+    logits = trainer.compiled(layers).model.apply(
+        {"params": params}, data.to_float(DATA.validation.images))
+    want = np.mean(np.argmax(logits, -1) == DATA.validation.labels)  # 40 = 32 + 8 padded
+    assert trainer.accuracy(layers, params, DATA.validation) == pytest.approx(want)
+
+
+def test_compiled_steps_are_cached_per_architecture_shape(trainer):
+    layers = ((3, 3, 8, 2),)
+    _, first = trainer.train(layers, num_steps=10)
+    shapes = len(trainer._compiled)
+    _, second = trainer.train(layers, num_steps=25)  # another length: the same compiled chunk
+    assert first["compile_s"] > 0 and second["compile_s"] == 0
+    assert len(trainer._compiled) == shapes
+
+
+def test_feature_map_sizes_by_formula():
+    layers = ((3, 3, 8, 2), (7, 5, 8, 1), (1, 1, 8, 2))
+    assert child.feature_map_sizes(layers, (28, 28), "SAME") == [(14, 14), (14, 14), (7, 7)]
+    assert child.feature_map_sizes(layers, (28, 28), "VALID") == [(13, 13), (7, 9), (4, 5)]
+
+
+def test_vanishing_feature_map_is_a_clear_error_and_a_zero_reward():
+    space = cnn_space(2)
+    # layer 0: 7x7 stride 2 on 12x12 VALID -> 3x3; layer 1: 7x7 -> nothing
+    architecture = (3, 3, 0, 1, 3, 3, 0, 1)
+    assert child.cnn_layers(space, architecture) == ((7, 7, 24, 2), (7, 7, 24, 2))
+    valid_config = child.ChildConfig(**{**CONFIG.__dict__, "padding": "VALID"})
+    trainer = child.ChildTrainer(valid_config, DATA)
+    with pytest.raises(child.VanishingFeatureMapError, match="Layer 1"):
+        trainer.train(child.cnn_layers(space, architecture))
+    objective = child.ChildObjective(space, trainer)
+    reward, info = objective(architecture)
+    assert reward == 0.0 and "Layer 1" in info["error"]
+
+
+def test_search_over_real_children(trainer, tmp_path):
+    """Random search on a 1-layer space of tiny children, through the search loop."""
+    space = cnn_space(1, filter_sizes=(3,), num_filters=(8,), strides=(1, 2))
+    objective = child.ChildObjective(space, trainer)
+    config = search.Config(algorithm="random", budget=4, seed=1)
+    summary = search.train_and_evaluate(config, str(tmp_path), space=space, objective=objective)
+    history = search.read_history(str(tmp_path))
+    assert len(history) == 4
+    for r in history:
+        assert r.reward == r.info["validation_accuracy"]
+        assert r.cached or r.info["train_s"] > 0
+    assert summary["best"]["reward"] == max(r.reward for r in history)
+    final = objective.final_test(tuple(summary["best"]["architecture"]), 20)
+    assert 0.0 <= final["test_accuracy"] <= 1.0 and final["num_steps"] == 20
