@@ -38,7 +38,7 @@ BUDGETS = (50, 100, 300)
 REPORTED_SEEDS = tuple(range(10))
 TUNING_SEEDS = tuple(range(100, 120))
 PAPER = search.Config(space="nas_bench_macro")  # Zoph & Le's controller, P=20, S=5
-TUNED = {  # chosen by `--tune` on TUNING_SEEDS; see docs/nas.md
+TUNED = {  # chosen by `--tune` on TUNING_SEEDS; see the README, "Neural architecture search"
     "reinforce": dict(learning_rate=2e-2, architectures_per_step=10),
     "evolution": dict(population_size=20, tournament_size=10),
     "random": dict(),

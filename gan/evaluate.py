@@ -13,8 +13,8 @@ Paper values on MNIST: GAN 225 +- 2, Deep GSN 214 +- 1.1, DBN 138 +- 2, Stacked 
 
 What it is worth: little, as a likelihood. In d = 784 dimensions a kernel density estimate from
 10,000 points is dominated by the nearest sample, so the number rewards memorising training images
-(a "model" that returns the training set beats every GAN, see docs/gan_evaluation.md), varies with
-sigma more than between models, and can rank models opposite to their true likelihoods (Theis,
+(a "model" that returns the training set beats every GAN, see the README, "GAN evaluation"),
+varies with sigma more than between models, and can rank models opposite to their true likelihoods (Theis,
 van den Oord & Bethge, 2016). It is reported because it is the paper's number.
 
 Computed in JAX in blocks: for a block of query images and a block of samples the squared

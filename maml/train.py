@@ -9,7 +9,7 @@ Speed on CPU: a `jax.vmap` over per-task convolution kernels becomes a grouped c
 XLA's CPU backend runs 19-59x slower than PyTorch. `conv_impl="auto"` therefore computes the
 convolutions as im2col + matrix product on CPU (`models.PatchConv`; the vmapped meta-batch then is a
 batched matrix product) and as `lax.conv` elsewhere; `task_batching="auto"` keeps `vmap`, the
-definition. Both choices give the same numbers (tested); see docs/maml.md for timings.
+definition. Both choices give the same numbers (tested); see the README, "MAML", for timings.
 """
 
 from __future__ import annotations
