@@ -260,34 +260,35 @@ def meta_train(config: Config, workdir: str, overwrite: bool = False) -> MetaSta
     validation_keys, _ = eval_keys(config.eval_seed, config.num_validation_tasks, 1)
     validation_loss = make_validation_loss(config, family, validation_keys)
 
-    last_checkpoint = start_step or None
-    pending = []
-    for step in range(start_step, config.num_steps):
-        state, step_metrics = meta_step(state, data)
-        pending.append(step_metrics)
-        done = step + 1
-        is_log = done % config.log_every == 0 or done == config.num_steps
-        is_validation = done % config.validate_every == 0 or done == config.num_steps
-        is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
-        if is_log or is_validation or is_checkpoint:
-            rows = parallel.to_host(pending)
-            pending = []
-            for offset, row in enumerate(rows):
-                metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
-            row = dict(rows[-1])
-            if is_validation:
-                loss = validation_loss(state.meta_params, data)
-                state = select_best(state, loss)
-                row.update(validation_loss=loss, best_validation_loss=state.best_validation_loss)
-            if is_log or is_validation:
-                rates = progress.log(done, row)
-                writer.write(done, {**row, **rates})
-        if is_checkpoint:
-            ckpts.save(done, state, force=True)
-            last_checkpoint = done
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
+    try:
+        last_checkpoint = start_step or None
+        pending = []
+        for step in range(start_step, config.num_steps):
+            state, step_metrics = meta_step(state, data)
+            pending.append(step_metrics)
+            done = step + 1
+            is_log = done % config.log_every == 0 or done == config.num_steps
+            is_validation = done % config.validate_every == 0 or done == config.num_steps
+            is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
+            if is_log or is_validation or is_checkpoint:
+                rows = parallel.to_host(pending)
+                pending = []
+                for offset, row in enumerate(rows):
+                    metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
+                row = dict(rows[-1])
+                if is_validation:
+                    loss = validation_loss(state.meta_params, data)
+                    state = select_best(state, loss)
+                    row.update(validation_loss=loss, best_validation_loss=state.best_validation_loss)
+                if is_log or is_validation:
+                    rates = progress.log(done, row)
+                    writer.write(done, {**row, **rates})
+            if is_checkpoint:
+                ckpts.save(done, state, force=True)
+                last_checkpoint = done
+    finally:
+        ckpts.close()
+        writer.close()
     if jax.process_index() == 0:
         lstm.save(os.path.join(workdir, META_PARAMS_FILE), parallel.to_host(state.best_meta_params),
                   config.output_scale, config.preprocessing)

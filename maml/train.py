@@ -197,35 +197,36 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     meta_step = core.make_meta_step(learner, config.meta_config(), optimizer, mesh)
     quick_eval = evaluate.make_task_evaluator(config, learner)
 
-    last_checkpoint = start_step or None
-    pending = []
-    for step in range(start_step, config.num_steps):
-        batch = parallel.shard_batch(mesh, source.local_train_batch(step))
-        state, step_metrics = meta_step(state, batch)
-        pending.append(step_metrics)
-        done = step + 1
-        is_log = done % config.log_every == 0 or done == config.num_steps
-        is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
-        is_eval = done % config.eval_every == 0 or done == config.num_steps
-        if is_log or is_checkpoint or is_eval:
-            rows = parallel.to_host(pending)
-            pending = []
-            for offset, row in enumerate(rows):
-                metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
-            row = rows[-1]
-            if is_eval:
-                summary = quick_eval(parallel.to_host(state.meta_params), source,
-                                     config.eval_episodes_during_training)
-                row = {**row, **{f"test_{k}": v for k, v in summary.items()}}
-            if is_log or is_eval:
-                rates = progress.log(done, row)
-                writer.write(done, {**row, **rates})
-        if is_checkpoint:
-            ckpts.save(done, state, force=True)
-            last_checkpoint = done
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
+    try:
+        last_checkpoint = start_step or None
+        pending = []
+        for step in range(start_step, config.num_steps):
+            batch = parallel.shard_batch(mesh, source.local_train_batch(step))
+            state, step_metrics = meta_step(state, batch)
+            pending.append(step_metrics)
+            done = step + 1
+            is_log = done % config.log_every == 0 or done == config.num_steps
+            is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
+            is_eval = done % config.eval_every == 0 or done == config.num_steps
+            if is_log or is_checkpoint or is_eval:
+                rows = parallel.to_host(pending)
+                pending = []
+                for offset, row in enumerate(rows):
+                    metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
+                row = rows[-1]
+                if is_eval:
+                    summary = quick_eval(parallel.to_host(state.meta_params), source,
+                                         config.eval_episodes_during_training)
+                    row = {**row, **{f"test_{k}": v for k, v in summary.items()}}
+                if is_log or is_eval:
+                    rates = progress.log(done, row)
+                    writer.write(done, {**row, **rates})
+            if is_checkpoint:
+                ckpts.save(done, state, force=True)
+                last_checkpoint = done
+    finally:
+        ckpts.close()
+        writer.close()
     if jax.process_index() == 0:
         save_pictures(config, workdir)
         results = evaluate.evaluate(config, parallel.to_host(state.meta_params), source, workdir,
