@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from common import parallel
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -124,6 +126,15 @@ def _duration(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def fetch_checked(pending: list, step: int, last_checkpoint: int | None) -> list[dict]:
+    """Brings the metrics of steps `step - len(pending) + 1 .. step` (device arrays, one dict a
+    step) to the host, checking that each step's are finite (see `check_finite`)."""
+    rows = parallel.to_host(pending)
+    for offset, row in enumerate(rows):
+        check_finite(step - len(rows) + 1 + offset, row, last_checkpoint)
+    return rows
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], last_checkpoint: int | None) -> None:

@@ -382,10 +382,8 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
         is_log = done % config.log_every == 0 or done == total_steps
         is_checkpoint = done % config.checkpoint_every == 0 or done == total_steps
         if is_log or is_checkpoint:
-            rows = parallel.to_host(pending)
+            rows = metrics.fetch_checked(pending, done, last_checkpoint)
             pending = []
-            for offset, row in enumerate(rows):
-                metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
             if is_log:
                 writer.write(done, {**rows[-1], **progress.log(done, rows[-1])})
         if config.eval_every and done % config.eval_every == 0 and jax.process_index() == 0:

@@ -271,10 +271,8 @@ def meta_train(config: Config, workdir: str, overwrite: bool = False) -> MetaSta
             is_validation = done % config.validate_every == 0 or done == config.num_steps
             is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
             if is_log or is_validation or is_checkpoint:
-                rows = parallel.to_host(pending)
+                rows = metrics.fetch_checked(pending, done, last_checkpoint)
                 pending = []
-                for offset, row in enumerate(rows):
-                    metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
                 row = dict(rows[-1])
                 if is_validation:
                     loss = validation_loss(state.meta_params, data)

@@ -209,10 +209,8 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
             is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
             is_eval = done % config.eval_every == 0 or done == config.num_steps
             if is_log or is_checkpoint or is_eval:
-                rows = parallel.to_host(pending)
+                rows = metrics.fetch_checked(pending, done, last_checkpoint)
                 pending = []
-                for offset, row in enumerate(rows):
-                    metrics.check_finite(done - len(rows) + 1 + offset, row, last_checkpoint)
                 row = rows[-1]
                 if is_eval:
                     summary = quick_eval(parallel.to_host(state.meta_params), source,
