@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	@echo "Metrics: runs/demo/metrics.jsonl, losses: runs/demo/losses.png, checkpoints: runs/demo/checkpoints/"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q --durations=15 tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install $(PIP_QUIET) -e '.[bench]' 2>&1 | grep -v "^WARNING: Location" || true

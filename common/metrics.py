@@ -128,13 +128,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
 
 
-def fetch_checked(pending: list, step: int, last_checkpoint: int | None) -> list[dict]:
-    """Brings the metrics of steps `step - len(pending) + 1 .. step` (device arrays, one dict a
-    step) to the host, checking that each step's are finite (see `check_finite`)."""
-    rows = parallel.to_host(pending)
-    for offset, row in enumerate(rows):
-        check_finite(step - len(rows) + 1 + offset, row, last_checkpoint)
-    return rows
+def due(done: int, every: int, total: int) -> bool:
+    """Whether the step that brings the count of finished steps to `done` is one of every
+    `every` steps, or the last of `total`."""
+    return done % every == 0 or done == total
+
+
+class PendingMetrics:
+    """Step metrics left on the device until a loop needs them (fetching every step would stall
+    the dispatch of the next), then brought to the host together and checked to be finite."""
+
+    def __init__(self, last_checkpoint: int | None):
+        self.last_checkpoint = last_checkpoint
+        self._pending: list = []
+
+    def add(self, step_metrics: Mapping[str, Any]) -> None:
+        self._pending.append(step_metrics)
+
+    def fetch(self, step: int) -> list[dict]:
+        """The metrics of steps `step - n + 1 .. step` (the n added since the last fetch) as
+        host values; raises `FloatingPointError` (see `check_finite`) at the first bad step."""
+        rows, self._pending = parallel.to_host(self._pending), []
+        for offset, row in enumerate(rows):
+            check_finite(step - len(rows) + 1 + offset, row, self.last_checkpoint)
+        return rows
+
+    def checkpointed(self, step: int) -> None:
+        """Records that the state after `step` is saved: a later NaN error names it."""
+        self.last_checkpoint = step
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], last_checkpoint: int | None) -> None:

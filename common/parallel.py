@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -42,6 +43,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if process_id != 0:
         wait_for_coordinator(coordinator_address, timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX aborts the process (DEADLINE_EXCEEDED, RegisterTask) when not every process joins in
+    # time; this line, printed first, says what that means.
+    logging.info("Joining a %d-process run at %s as process %d. Waiting up to %d s for all "
+                 "processes; a DEADLINE_EXCEEDED abort means they did not all start with "
+                 "--coordinator_address=%s and --num_processes=%d (each with its own "
+                 "--process_id).", num_processes, coordinator_address, process_id, timeout_s,
+                 coordinator_address, num_processes)
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout_s)
@@ -120,6 +128,21 @@ def to_host(tree):
             x = x.addressable_shards[0].data
         return np.asarray(x)
     return jax.tree.map(get, tree)
+
+
+def fingerprint(tree) -> str:
+    """A short digest of a pytree of (replicated) arrays: the float64 sum of |x| over all leaves.
+
+    Equal parameters give equal digests on every process, so launchers log it at the end of a
+    run and tests compare it across processes and across interrupted and uninterrupted runs.
+    """
+    leaves = jax.tree.leaves(to_host(tree))
+    return f"{sum(float(np.sum(np.abs(np.asarray(x, np.float64)))) for x in leaves):.10e}"
+
+
+def log_fingerprint(step: int, tree) -> None:
+    """Logs `Parameter fingerprint at step <step>: <digest>` (every process)."""
+    logging.info("Parameter fingerprint at step %d: %s", step, fingerprint(tree))
 
 
 def is_main_process() -> bool:

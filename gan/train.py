@@ -326,13 +326,6 @@ def save_pictures(config: Config, workdir: str, state: GANState, step: int) -> s
     return path
 
 
-def parameter_fingerprint(state: GANState) -> str:
-    """A short digest of all parameters, equal across processes holding equal parameters."""
-    leaves = jax.tree.leaves(parallel.to_host((state.g_params, state.d_params)))
-    total = sum(float(np.sum(np.abs(x.astype(np.float64)))) for x in leaves)
-    return f"{total:.10e}"
-
-
 def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) -> GANState:
     """Trains (or resumes training) in `workdir` up to `num_steps`; returns the final state."""
     config.validate()
@@ -358,7 +351,7 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
                                 total_steps, ckpts, writer)
         finally:
             writer.close()
-    logging.info("Parameter fingerprint at step %d: %s", total_steps, parameter_fingerprint(state))
+    parallel.log_fingerprint(total_steps, (state.g_params, state.d_params))
     if jax.process_index() == 0:
         logging.info("Done. Samples: %s  metrics: %s  checkpoints: %s",
                      os.path.join(workdir, "samples.png"),
@@ -372,28 +365,26 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
     """Steps `start_step` to `total_steps`: log, check for NaNs, checkpoint, draw samples."""
     progress = metrics.Progress(total_steps, start_step, config.batch_size * config.d_steps)
     train_step = jit_train_step(config, mesh)
-    last_checkpoint = start_step or None
-    pending = []
+    pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
     for step in range(start_step, total_steps):
         real = parallel.shard_batch(mesh, real_batches(train_images, config, step), axis=1)
         state, step_metrics = train_step(state, real)
-        pending.append(step_metrics)
+        pending.add(step_metrics)
         done = step + 1
-        is_log = done % config.log_every == 0 or done == total_steps
-        is_checkpoint = done % config.checkpoint_every == 0 or done == total_steps
+        is_log = metrics.due(done, config.log_every, total_steps)
+        is_checkpoint = metrics.due(done, config.checkpoint_every, total_steps)
         if is_log or is_checkpoint:
-            rows = metrics.fetch_checked(pending, done, last_checkpoint)
-            pending = []
+            row = pending.fetch(done)[-1]
             if is_log:
-                writer.write(done, {**rows[-1], **progress.log(done, rows[-1])})
+                writer.write(done, {**row, **progress.log(done, row)})
         if config.eval_every and done % config.eval_every == 0 and jax.process_index() == 0:
             result = evaluate.evaluate_state(config, state, done, eval_config(config))
             logging.info("Evaluation at step %d:\n%s", done, evaluate.describe(result))
             writer.write(done, evaluate.flat_metrics(result))
         if is_checkpoint:
             ckpts.save(done, state, force=True)
-            last_checkpoint = done
-        if jax.process_index() == 0 and (done % config.sample_every == 0 or done == total_steps):
+            pending.checkpointed(done)
+        if jax.process_index() == 0 and (metrics.due(done, config.sample_every, total_steps)):
             writer.flush()
             save_pictures(config, workdir, state, done)
     return state

@@ -1,6 +1,11 @@
 """Architecture search.
 
     python -m launch.nas --flagfile=launch/configs/nas_macro_reinforce.flags --workdir=...
+
+On several devices the children of the CNN space train data-parallel (global --batch_size split
+over all devices); on several processes run the same command on each, with the multi-process
+flags: every process runs the same search, process 0 alone writes the results, and the workdir
+must be on a filesystem all of them see.
 """
 
 from absl import app, flags

@@ -261,19 +261,16 @@ def meta_train(config: Config, workdir: str, overwrite: bool = False) -> MetaSta
     validation_loss = make_validation_loss(config, family, validation_keys)
 
     try:
-        last_checkpoint = start_step or None
-        pending = []
+        pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
         for step in range(start_step, config.num_steps):
             state, step_metrics = meta_step(state, data)
-            pending.append(step_metrics)
+            pending.add(step_metrics)
             done = step + 1
-            is_log = done % config.log_every == 0 or done == config.num_steps
-            is_validation = done % config.validate_every == 0 or done == config.num_steps
-            is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
+            is_log = metrics.due(done, config.log_every, config.num_steps)
+            is_validation = metrics.due(done, config.validate_every, config.num_steps)
+            is_checkpoint = metrics.due(done, config.checkpoint_every, config.num_steps)
             if is_log or is_validation or is_checkpoint:
-                rows = metrics.fetch_checked(pending, done, last_checkpoint)
-                pending = []
-                row = dict(rows[-1])
+                row = dict(pending.fetch(done)[-1])
                 if is_validation:
                     loss = validation_loss(state.meta_params, data)
                     state = select_best(state, loss)
@@ -283,10 +280,11 @@ def meta_train(config: Config, workdir: str, overwrite: bool = False) -> MetaSta
                     writer.write(done, {**row, **rates})
             if is_checkpoint:
                 ckpts.save(done, state, force=True)
-                last_checkpoint = done
+                pending.checkpointed(done)
     finally:
         ckpts.close()
         writer.close()
+    parallel.log_fingerprint(config.num_steps, (state.meta_params, state.best_meta_params))
     if jax.process_index() == 0:
         lstm.save(os.path.join(workdir, META_PARAMS_FILE), parallel.to_host(state.best_meta_params),
                   config.output_scale, config.preprocessing)

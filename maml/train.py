@@ -198,20 +198,17 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     quick_eval = evaluate.make_task_evaluator(config, learner)
 
     try:
-        last_checkpoint = start_step or None
-        pending = []
+        pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
         for step in range(start_step, config.num_steps):
             batch = parallel.shard_batch(mesh, source.local_train_batch(step))
             state, step_metrics = meta_step(state, batch)
-            pending.append(step_metrics)
+            pending.add(step_metrics)
             done = step + 1
-            is_log = done % config.log_every == 0 or done == config.num_steps
-            is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_steps
-            is_eval = done % config.eval_every == 0 or done == config.num_steps
+            is_log = metrics.due(done, config.log_every, config.num_steps)
+            is_checkpoint = metrics.due(done, config.checkpoint_every, config.num_steps)
+            is_eval = metrics.due(done, config.eval_every, config.num_steps)
             if is_log or is_checkpoint or is_eval:
-                rows = metrics.fetch_checked(pending, done, last_checkpoint)
-                pending = []
-                row = rows[-1]
+                row = pending.fetch(done)[-1]
                 if is_eval:
                     summary = quick_eval(parallel.to_host(state.meta_params), source,
                                          config.eval_episodes_during_training)
@@ -221,10 +218,11 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
                     writer.write(done, {**row, **rates})
             if is_checkpoint:
                 ckpts.save(done, state, force=True)
-                last_checkpoint = done
+                pending.checkpointed(done)
     finally:
         ckpts.close()
         writer.close()
+    parallel.log_fingerprint(config.num_steps, state.meta_params)
     if jax.process_index() == 0:
         save_pictures(config, workdir)
         results = evaluate.evaluate(config, parallel.to_host(state.meta_params), source, workdir,

@@ -6,18 +6,27 @@ A child is a stack of `conv(filter_height x filter_width, num_filters, stride) -
 flattened last feature map (which, unlike global average pooling, learns within the few hundred
 steps a CPU search can afford). It is trained with Adam on cross-entropy for `num_steps`
 minibatches (their order a pure function of (seed, step)), and its reward is the accuracy on the
-held-out validation examples. The test split is used once, by `ChildObjective.final_test`, for the architecture the
-search chose.
+held-out validation examples. The test split is used once, by `ChildObjective.final_test`, for
+the architecture the search chose.
 
 Compilation is per architecture *shape* (its layer tuple): the jitted train chunk (a `lax.scan`
 over `steps_per_call` steps) and the evaluation function are compiled ahead of time with
 `jit(...).lower(...).compile()`, cached, and their compile time is reported apart from the
 training time.
+
+Data parallelism: training and evaluation run over a `common.parallel` mesh. Every minibatch (and
+every evaluation batch) is split along the mesh's `data` axis; parameters and Adam state are
+replicated, so the gradient of the mean loss is the only cross-device reduction. The child data
+set is small and is held whole, replicated, by every device of every host; each step gathers its
+minibatch from it with indices that are a pure function of (seed, step), the same on every
+process, so a child trains to the same parameters on any number of devices and processes (up to
+the order of the floating-point reduction).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Sequence
@@ -28,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import data
+from jax.sharding import Mesh
+
+from common import data, parallel
 from nas.search_space import SearchSpace, cnn_layers, cnn_space
 
 Layers = tuple[tuple[int, int, int, int], ...]  # (filter_height, filter_width, filters, stride)
@@ -123,31 +134,40 @@ def load_child_data(config: ChildConfig, with_test: bool = True) -> ChildData:
 
 
 class CompiledChild:
-    """init / train-chunk / evaluate of one architecture shape, compiled ahead of time."""
+    """init / train-chunk / evaluate of one architecture shape, compiled ahead of time for `mesh`:
+    parameters, optimizer state and the data set replicated, minibatch indices (so minibatches)
+    and evaluation batches split along the batch dimension."""
 
     def __init__(self, layers: Layers, num_classes: int, image_shape: tuple[int, ...],
-                 config: ChildConfig, num_train: int):
+                 config: ChildConfig, num_train: int, mesh: Mesh, eval_batch_size: int):
         self.model = ChildCNN(layers, num_classes, config.padding)
         self.optimizer = optax.adam(config.learning_rate)
+        self.batch_sharding = parallel.batch_sharding(mesh)
+        replicated = parallel.replicated_sharding(mesh)
         start = time.perf_counter()
-        dummy = jnp.zeros((1, *image_shape))
-        key = jax.random.PRNGKey(0)
-        self.init = jax.jit(self._init).lower(key, dummy).compile()
-        params, opt_state = jax.eval_shape(self._init, key, dummy)
+        init = functools.partial(self._init, config.seed, image_shape)
+        self.init = jax.jit(init, out_shardings=replicated).lower().compile()
+        params, opt_state = jax.eval_shape(init)
         images = jax.ShapeDtypeStruct((num_train, *image_shape), jnp.uint8)
         labels = jax.ShapeDtypeStruct((num_train,), jnp.int32)
         idx = jax.ShapeDtypeStruct((config.steps_per_call, config.batch_size), jnp.int32)
         active = jax.ShapeDtypeStruct((config.steps_per_call,), jnp.bool_)
-        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0, 1)).lower(
-            params, opt_state, images, labels, idx, active).compile()
-        batch = jax.ShapeDtypeStruct((config.eval_batch_size, *image_shape), jnp.uint8)
-        self.num_correct = jax.jit(self._num_correct).lower(
-            params, batch, jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.int32),
-            jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.bool_)).compile()
+        self.train_chunk = jax.jit(
+            self._train_chunk, donate_argnums=(0, 1),
+            in_shardings=(replicated,) * 4 + (parallel.batch_sharding(mesh, axis=1), replicated),
+            out_shardings=replicated).lower(params, opt_state, images, labels, idx,
+                                            active).compile()
+        eval_images = jax.ShapeDtypeStruct((eval_batch_size, *image_shape), jnp.uint8)
+        eval_labels, eval_valid = (jax.ShapeDtypeStruct((eval_batch_size,), dtype)
+                                   for dtype in (jnp.int32, jnp.bool_))
+        self.num_correct = jax.jit(
+            self._num_correct, in_shardings=(replicated,) + (self.batch_sharding,) * 3,
+            out_shardings=replicated).lower(params, eval_images, eval_labels,
+                                            eval_valid).compile()
         self.compile_s = time.perf_counter() - start
 
-    def _init(self, key, dummy):
-        params = self.model.init(key, dummy)["params"]
+    def _init(self, seed: int, image_shape: tuple[int, ...]):
+        params = self.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *image_shape)))["params"]
         return params, self.optimizer.init(params)
 
     def loss(self, params, images, labels):
@@ -159,8 +179,9 @@ class CompiledChild:
         def step(carry, xs):
             params, opt_state = carry
             batch_idx, is_active = xs
-            loss, grads = jax.value_and_grad(self.loss)(params, images[batch_idx],
-                                                        labels[batch_idx])
+            batch = jax.lax.with_sharding_constraint((images[batch_idx], labels[batch_idx]),
+                                                     self.batch_sharding)
+            loss, grads = jax.value_and_grad(self.loss)(params, *batch)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
             new = (optax.apply_updates(params, updates), new_opt_state)
             keep = lambda n, o: jnp.where(is_active, n, o)  # noqa: E731
@@ -174,12 +195,22 @@ class CompiledChild:
         return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
 
 
+def shard_whole_batch(mesh: Mesh, batch: np.ndarray, axis: int = 0) -> jax.Array:
+    """A batch that every process holds whole, as one global array split over the mesh along
+    `axis`; each process places only the pieces of its own devices."""
+    return jax.make_array_from_callback(batch.shape, parallel.batch_sharding(mesh, axis),
+                                        lambda index: batch[index])
+
+
 def data_to_float(images: jax.Array) -> jax.Array:
     """uint8 [0, 255] -> float32 [-1, 1], as `common.data.to_float`, inside jit."""
     return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def accuracy(compiled: CompiledChild, params, dataset: data.Dataset, batch_size: int) -> float:
+def accuracy(compiled: CompiledChild, params, dataset: data.Dataset, batch_size: int,
+             mesh: Mesh) -> float:
+    """Fraction of `dataset` classified correctly, in batches of `batch_size` split over `mesh`
+    (the last one padded, the padding masked out)."""
     correct = 0
     for start in range(0, len(dataset), batch_size):
         images = dataset.images[start:start + batch_size]
@@ -189,18 +220,29 @@ def accuracy(compiled: CompiledChild, params, dataset: data.Dataset, batch_size:
         if pad:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-        correct += int(compiled.num_correct(params, images, labels, valid))
+        batch = [shard_whole_batch(mesh, x) for x in (images, labels, valid)]
+        correct += int(parallel.to_host(compiled.num_correct(params, *batch)))
     return correct / len(dataset)
 
 
 class ChildTrainer:
-    """Trains children on fixed data, caching compiled functions per architecture shape."""
+    """Trains children data-parallel over `mesh` (default: every device of every process) on
+    fixed data, caching compiled functions per architecture shape.
 
-    def __init__(self, config: ChildConfig, child_data: ChildData):
+    `config.batch_size` is the global minibatch; it must be divisible by the number of devices.
+    The evaluation batch is `config.eval_batch_size` rounded up to a multiple of it.
+    """
+
+    def __init__(self, config: ChildConfig, child_data: ChildData, mesh: Mesh | None = None):
         config.validate()
         self.config, self.data = config, child_data
-        self.train_images = jnp.asarray(child_data.train.images)
-        self.train_labels = jnp.asarray(child_data.train.labels)
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
+        self.per_device_batch = parallel.check_global_batch(config.batch_size, self.mesh,
+                                                            "child batch size")
+        num_devices = self.mesh.devices.size
+        self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices
+        self.train_images, self.train_labels = parallel.replicate(
+            self.mesh, (child_data.train.images, child_data.train.labels))
         self._compiled: dict[Layers, CompiledChild] = {}
         self.compile_s = 0.0
         self.train_s = 0.0
@@ -208,7 +250,8 @@ class ChildTrainer:
     def compiled(self, layers: Layers) -> CompiledChild:
         if layers not in self._compiled:
             child = CompiledChild(layers, self.data.num_classes, self.data.train.image_shape,
-                                  self.config, len(self.data.train))
+                                  self.config, len(self.data.train), self.mesh,
+                                  self.eval_batch_size)
             self._compiled[layers] = child
             self.compile_s += child.compile_s
         return self._compiled[layers]
@@ -221,8 +264,7 @@ class ChildTrainer:
         compile_before = self.compile_s
         child = self.compiled(layers)
         start = time.perf_counter()
-        params, opt_state = child.init(jax.random.PRNGKey(config.seed),
-                                       jnp.zeros((1, *self.data.train.image_shape)))
+        params, opt_state = child.init()
         losses = []
         chunk = config.steps_per_call
         for first in range(0, num_steps, chunk):
@@ -231,8 +273,10 @@ class ChildTrainer:
                                                config.seed, int(min(s, num_steps - 1)))
                             for s in steps]).astype(np.int32)
             params, opt_state, chunk_losses = child.train_chunk(
-                params, opt_state, self.train_images, self.train_labels, idx, steps < num_steps)
-            losses.append(np.asarray(chunk_losses)[steps < num_steps])
+                params, opt_state, self.train_images, self.train_labels,
+                shard_whole_batch(self.mesh, idx, axis=1),
+                parallel.replicate(self.mesh, steps < num_steps))
+            losses.append(parallel.to_host(chunk_losses)[steps < num_steps])
         losses = np.concatenate(losses)
         if not np.all(np.isfinite(losses)):
             raise FloatingPointError(f"Child {layers} diverged: non-finite training loss at step "
@@ -246,7 +290,7 @@ class ChildTrainer:
                         "compile_s": self.compile_s - compile_before, "train_s": train_s}
 
     def accuracy(self, layers: Layers, params, dataset: data.Dataset) -> float:
-        return accuracy(self.compiled(layers), params, dataset, self.config.eval_batch_size)
+        return accuracy(self.compiled(layers), params, dataset, self.eval_batch_size, self.mesh)
 
 
 class ChildObjective:
@@ -282,14 +326,17 @@ def retrain_and_test(trainer: ChildTrainer, layers: Layers, num_steps: int) -> d
             "total_compile_s": trainer.compile_s, "total_train_s": trainer.train_s}
 
 
-def make_problem(config) -> tuple[SearchSpace, ChildObjective]:
-    """The CNN space and child-training objective of a `nas.search.Config`."""
+def make_problem(config, mesh: Mesh | None = None) -> tuple[SearchSpace, ChildObjective]:
+    """The CNN space and child-training objective of a `nas.search.Config`, children trained
+    data-parallel over `mesh`."""
     child_config = ChildConfig(dataset=config.dataset, data_dir=config.data_dir,
                                num_steps=config.num_steps, batch_size=config.batch_size,
                                learning_rate=config.child_learning_rate,
                                validation_size=config.validation_size, padding=config.padding,
-                               seed=config.seed)
+                               seed=config.seed,
+                               steps_per_call=min(ChildConfig.steps_per_call, config.num_steps))
     child_config.validate()
     space = cnn_space(config.num_layers, tuple(config.filter_sizes), tuple(config.num_filters),
                       tuple(config.strides))
-    return space, ChildObjective(space, ChildTrainer(child_config, load_child_data(child_config)))
+    trainer = ChildTrainer(child_config, load_child_data(child_config), mesh)
+    return space, ChildObjective(space, trainer)

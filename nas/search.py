@@ -20,22 +20,32 @@ Resuming: a restarted run replays `history.jsonl` -- proposals are recomputed an
 the recorded ones, rewards are read back, nothing is evaluated twice -- and then continues. The
 controller's state is also checkpointed, so REINFORCE resumes from its latest checkpoint and only
 replays the evaluations after it.
+
+Several devices and processes: every process runs the same search (the same seeds give the same
+proposals) and evaluates each architecture together with the others -- child networks train
+data-parallel over the mesh (`nas.child`), the controller's state is replicated on every device
+and its update runs identically everywhere -- so all processes hold the same rewards, which is
+checked at the end. Only process 0 writes `history.jsonl`, metrics, pictures and `result.json`.
+A resumed run reads the history and the checkpoints from the workdir, which must therefore be a
+filesystem every process sees (as Orbax's multi-process checkpoints require anyway).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from common import checkpoints, images, metrics
+from common import checkpoints, images, metrics, parallel
 from nas import controller as controller_lib
 from nas.search_space import Architecture, MacroBenchmark, Objective, SearchSpace, reward_and_info
 
@@ -200,30 +210,39 @@ class RegularizedEvolution:
 
 
 class Reinforce:
-    """The controller as a searcher; `state` is checkpointed by the caller."""
+    """The controller as a searcher; `state` is checkpointed by the caller.
+
+    The state lives replicated on every device of `mesh` (default: all devices of all processes),
+    and sampling and the update run there, identically on every process.
+    """
 
     def __init__(self, space: SearchSpace, seed: int, config: controller_lib.ControllerConfig,
-                 architectures_per_step: int):
+                 architectures_per_step: int, mesh: Mesh | None = None):
         self.space, self.batch_size = space, architectures_per_step
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.controller = controller_lib.get_controller(space, config)
         init_key, self.sample_key = jax.random.split(jax.random.PRNGKey(seed))
-        self.state = self.controller.init(init_key)
+        self.state = parallel.replicate(self.mesh, self.controller.init(init_key))
         self.last_metrics: dict[str, float] = {}
 
+    @property
+    def step(self) -> int:
+        return int(parallel.to_host(self.state.step))
+
     def propose(self, history: Sequence[Record]) -> list[Architecture]:
-        key = jax.random.fold_in(self.sample_key, self.state.step)
+        key = parallel.replicate(self.mesh, jax.random.fold_in(self.sample_key, self.step))
         actions, _, _ = self.controller.sample(self.state.params, key, self.batch_size)
-        return [tuple(int(a) for a in row) for row in np.asarray(actions)]
+        return [tuple(int(a) for a in row) for row in parallel.to_host(actions)]
 
     def observe(self, architectures, rewards) -> None:
         if len(architectures) < self.batch_size:  # the budget's last, partial batch
             return
-        self.state, step_metrics = self.controller.update(
-            self.state, jnp.asarray(architectures, jnp.int32), jnp.asarray(rewards, jnp.float32))
-        self.last_metrics = {k: float(v) for k, v in step_metrics.items()}
+        self.state, step_metrics = self.controller.update(self.state, *parallel.replicate(
+            self.mesh, (np.asarray(architectures, np.int32), np.asarray(rewards, np.float32))))
+        self.last_metrics = {k: float(v) for k, v in parallel.to_host(step_metrics).items()}
 
     def evaluations_in_state(self) -> int:
-        return int(self.state.step) * self.batch_size
+        return self.step * self.batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +286,11 @@ def run_search(searcher: Searcher, objective: Objective, space: SearchSpace, bud
             else:
                 start = time.perf_counter()
                 reward, info = reward_and_info(objective(architecture))
+                if not np.isfinite(reward):
+                    raise FloatingPointError(
+                        f"Evaluation {n + j} ({space.decode(architecture)}) has the non-finite "
+                        f"reward {reward} (info: {info}); it was not recorded, and the history "
+                        "and checkpoints so far are intact. Fix the objective and rerun.")
                 record = Record(n + j, architecture, reward, info, time.perf_counter() - start)
                 evaluated[architecture] = record
             history.append(record)
@@ -334,22 +358,46 @@ def append_history(workdir: str, space: SearchSpace, record: Record) -> None:
 # The run of a config in a workdir
 
 
-def make_problem(config: Config) -> tuple[SearchSpace, Objective]:
-    """The search space and objective named by the config."""
+def make_problem(config: Config, mesh: Mesh | None = None) -> tuple[SearchSpace, Objective]:
+    """The search space and objective named by the config (child networks trained over `mesh`)."""
     if config.space == "nas_bench_macro":
         benchmark = MacroBenchmark(config.data_dir)
         return benchmark.space, benchmark
     from nas import child  # imports the data pipeline only for real child training
-    return child.make_problem(config)
+    return child.make_problem(config, mesh)
 
 
-def make_searcher(config: Config, space: SearchSpace) -> Searcher:
+def make_searcher(config: Config, space: SearchSpace, mesh: Mesh | None = None) -> Searcher:
     if config.algorithm == "random":
         return RandomSearch(space, config.seed)
     if config.algorithm == "evolution":
         return RegularizedEvolution(space, config.seed, config.population_size,
                                     config.tournament_size)
-    return Reinforce(space, config.seed, config.controller_config(), config.architectures_per_step)
+    return Reinforce(space, config.seed, config.controller_config(), config.architectures_per_step,
+                     mesh)
+
+
+def history_arrays(history: Sequence[Record]) -> dict[str, np.ndarray]:
+    return {"architectures": np.asarray([r.architecture for r in history], np.float64),
+            "rewards": np.asarray([r.reward for r in history], np.float64)}
+
+
+def outcome(searcher: Searcher, history: Sequence[Record]):
+    """What identifies a finished search, for `parallel.fingerprint`: the controller's parameters
+    (REINFORCE), else the history's architectures and rewards."""
+    return searcher.state.params if isinstance(searcher, Reinforce) else history_arrays(history)
+
+
+def check_processes_agree(history: Sequence[Record], what: str) -> None:
+    """Raises unless every process holds the same architectures and rewards, bit for bit; a
+    collective, so every process must call it (it is also a barrier)."""
+    if jax.process_count() > 1:
+        arrays = history_arrays(history)
+        digest = hashlib.sha256(arrays["architectures"].tobytes() + arrays["rewards"].tobytes())
+        multihost_utils.assert_equal(
+            np.frombuffer(digest.digest(), np.uint32),
+            f"The processes disagree on the architectures and rewards of the {what} (this "
+            f"process holds {len(history)} evaluations)")
 
 
 def save_best_curve(workdir: str, algorithm: str, history: Sequence[Record]) -> str:
@@ -366,42 +414,62 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False,
     """Searches (or resumes the search) in `workdir` up to `config.budget` evaluations.
 
     `space` and `objective` default to those named by `config.space`; pass your own to search
-    any space. Returns a summary: the best record, and for the CNN space the test accuracy of the
+    any space (on several processes, every process calls it, and it must return the same reward
+    on each). Returns a summary: the best record, and for the CNN space the test accuracy of the
     best architecture retrained for `final_num_steps` (also written to `result.json`).
     """
     config.validate()
     if (space is None) != (objective is None):
         raise ValueError("Pass both a space and an objective, or neither.")
+    mesh = parallel.make_mesh()
+    child_batch = ""
+    if config.space == "cnn" and space is None:
+        per_device = parallel.check_global_batch(config.batch_size, mesh, "child batch size")
+        child_batch = (f"; child batch {config.batch_size} = {mesh.devices.size} devices x "
+                       f"{per_device}")
     if space is None:
-        space, objective = make_problem(config)
+        space, objective = make_problem(config, mesh)
     checkpoints.claim_workdir(workdir, dataclasses.asdict(config), overwrite, RESUMABLE_KEYS)
+    if jax.process_count() > 1:  # an --overwrite deletion by process 0 is over
+        multihost_utils.sync_global_devices("nas: workdir claimed")
     history = read_history(workdir)
-    write_history(workdir, space, history)
-    searcher = make_searcher(config, space)
+    check_processes_agree(history, "history read")  # all have read it before it is rewritten
+    main = parallel.is_main_process()
+    if main:
+        write_history(workdir, space, history)
+    searcher = make_searcher(config, space, mesh)
     ckpts = None
     if isinstance(searcher, Reinforce):
         ckpts = checkpoints.Checkpoints(workdir, config.checkpoint_every)
         searcher.state, step = ckpts.restore_latest(searcher.state)
         if step:
-            logging.info("Controller restored from its checkpoint of step %d.", step)
+            logging.info("Resumed from the checkpoint of step %d (controller steps, %d "
+                         "evaluations).", step, searcher.evaluations_in_state())
+    replay_from = searcher.evaluations_in_state()
     logging.info("%s on a space of %d decisions (%d architectures), budget %d; %d evaluations "
-                 "in the history.", config.algorithm, len(space), space.size, config.budget,
-                 len(history))
-    writer = metrics.MetricWriter(workdir, resume_step=len(history))
-    progress = metrics.Progress(config.budget, len(history), item_name="architectures")
+                 "in the history; %d processes, %d devices%s.", config.algorithm, len(space),
+                 space.size, config.budget, len(history), jax.process_count(),
+                 mesh.devices.size, child_batch)
+    writer = metrics.MetricWriter(workdir, resume_step=replay_from)
+    progress = metrics.Progress(config.budget, replay_from, item_name="architectures")
+    last_checkpoint = ckpts.latest_step() if ckpts is not None else None
 
     def on_record(record: Record) -> None:
-        append_history(workdir, space, record)
+        if main:
+            append_history(workdir, space, record)
 
     def on_step(done: list[Record]) -> None:
+        nonlocal last_checkpoint
         n = len(done)
-        step = int(searcher.state.step) if ckpts is not None else 0
+        row = {"reward": done[-1].reward, "best_reward": best_record(done).reward,
+               **getattr(searcher, "last_metrics", {})}
+        metrics.check_finite(n, row, last_checkpoint)
+        step = searcher.step if ckpts is not None else 0
         if step and step != ckpts.latest_step():  # a last, partial batch leaves the step as is
-            ckpts.save(step, searcher.state, force=n == config.budget)
+            if ckpts.save(step, searcher.state, force=n == config.budget):
+                last_checkpoint = step
         crossed = n // config.log_every > (n - searcher.batch_size) // config.log_every
-        if n > len(history) and (crossed or n == config.budget):
-            row = {"reward": done[-1].reward, "best_reward": best_record(done).reward,
-                   **getattr(searcher, "last_metrics", {})}
+        if n > replay_from and (crossed or n == config.budget):
             writer.write(n, {**row, **progress.log(n, row)})
 
     try:
@@ -409,19 +477,21 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False,
                              on_step)
     finally:
         if ckpts is not None:
-            ckpts.wait()
             ckpts.close()
         writer.close()
+    check_processes_agree(history, "search")
+    parallel.log_fingerprint(len(history), outcome(searcher, history))
     best = best_record(history)
-    save_best_curve(workdir, config.algorithm, history)
     summary = {"algorithm": config.algorithm, "evaluations": len(history),
                "distinct_architectures": sum(not r.cached for r in history),
                "best": json.loads(best.to_json(space)),
                "evaluation_cost_s": sum(r.cost_s for r in history)}
     if config.space == "cnn" and objective is not None and hasattr(objective, "final_test"):
         summary["final"] = objective.final_test(best.architecture, config.final_num_steps)
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    logging.info("Best of %d: %s reward %.4f %s", len(history), space.decode(best.architecture),
-                 best.reward, best.info)
+    if main:
+        save_best_curve(workdir, config.algorithm, history)
+        with open(os.path.join(workdir, "result.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+        logging.info("Best of %d: %s reward %.4f %s", len(history),
+                     space.decode(best.architecture), best.reward, best.info)
     return summary

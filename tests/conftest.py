@@ -1,14 +1,27 @@
 """Shared test fixtures: where the real data lives, and running launchers in subprocesses."""
 
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_compilation_cache(tmp_path_factory):
+    """Launchers run by a test share a persistent compilation cache: a rerun of the same command
+    (after a kill, or to continue) loads its executables instead of compiling them again."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
 
 
 def shared_data(*parts: str) -> str:
@@ -28,3 +41,50 @@ def run_python(args, env_extra=None, timeout=600, check=True, **kwargs):
         raise AssertionError(f"python {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(args, num_processes: int = 2, timeout=400, env_extra=None) -> list[str]:
+    """Runs `python <args>` as `num_processes` processes of one `jax.distributed` run on localhost
+    (gloo collectives); asserts they all succeed and returns each one's output."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
+    common = [*args, f"--num_processes={num_processes}", f"--coordinator_address=localhost:{port}",
+              "--distributed_timeout=120"]
+    procs = [subprocess.Popen([sys.executable, *common, f"--process_id={i}"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(num_processes)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * num_processes, "\n\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+def kill_when_exists(args, path, timeout=300, env_extra=None) -> int:
+    """Starts `python <args>`, sends it SIGKILL as soon as `path` exists (e.g. a checkpoint
+    directory), and returns its exit code (0 if it finished before the kill landed)."""
+    env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None:
+        assert time.time() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
+def logged_fingerprint(output: str) -> str:
+    """The last `Parameter fingerprint at step N: <digest>` a launcher logged."""
+    found = re.findall(r"Parameter fingerprint at step \d+: (\S+)", output)
+    assert found, f"no parameter fingerprint in the output:\n{output[-3000:]}"
+    return found[-1]

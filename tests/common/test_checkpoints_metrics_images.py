@@ -2,9 +2,9 @@
 
 import json
 import os
-import shutil
 
 import chex
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -72,6 +72,19 @@ def test_check_finite_names_the_step_and_metric():
     metrics.check_finite(3, {"loss": np.float32(1.0), "count": np.int32(2)}, None)
     with pytest.raises(FloatingPointError, match=r"step 7: \{'g_loss': nan\}.*step 5\) is intact"):
         metrics.check_finite(7, {"d_loss": 1.0, "g_loss": float("nan")}, 5)
+
+
+def test_pending_metrics_come_back_in_order_and_name_the_first_bad_step():
+    pending = metrics.PendingMetrics(last_checkpoint=None)
+    for loss in (1.0, 2.0, 3.0):
+        pending.add({"loss": jnp.float32(loss)})
+    assert [float(r["loss"]) for r in pending.fetch(3)] == [1.0, 2.0, 3.0]
+    pending.checkpointed(3)
+    for loss in (4.0, float("inf"), float("nan")):
+        pending.add({"loss": jnp.float32(loss)})
+    with pytest.raises(FloatingPointError, match=r"step 5: \{'loss': inf\}.*step 3\) is intact"):
+        pending.fetch(6)
+    assert [metrics.due(d, 4, 10) for d in (3, 4, 8, 9, 10)] == [False, True, True, False, True]
 
 
 def test_image_grid_places_each_image():

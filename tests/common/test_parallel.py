@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common import parallel
+from tests.conftest import free_port, run_python
 
 
 def test_mesh_spans_all_devices_and_replicate_round_trips():
@@ -37,3 +38,17 @@ def test_an_unreachable_coordinator_times_out_instead_of_hanging():
     with pytest.raises(TimeoutError, match="No coordinator answered at 127.0.0.1:1 within 1"):
         parallel.initialize_distributed("127.0.0.1:1", 2, 1, timeout_s=1)
     assert time.monotonic() - start < 30
+
+
+def test_a_process_count_no_other_process_joins_fails_after_the_timeout_naming_the_flags(tmp_path):
+    """Process 0 of a run whose `--num_processes` counts a process that never starts."""
+    address = f"localhost:{free_port()}"
+    start = time.monotonic()
+    proc = run_python(["-m", "launch.gan", f"--workdir={tmp_path}", "--num_processes=2",
+                       "--process_id=0", f"--coordinator_address={address}",
+                       "--distributed_timeout=2"], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 100
+    assert (f"did not all start with --coordinator_address={address} and --num_processes=2"
+            in proc.stderr)
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,4 +1,7 @@
-"""Child networks: shapes build and train, vanishing feature maps are handled, compile caching."""
+"""Child networks: shapes build and train, vanishing feature maps are handled, compile caching,
+and data-parallel training on 4 simulated devices equal to 1 device."""
+
+import textwrap
 
 import numpy as np
 import pytest
@@ -6,6 +9,7 @@ import pytest
 from common import data
 from nas import child, search
 from nas.search_space import cnn_space
+from tests.conftest import run_python
 
 CONFIG = child.ChildConfig(num_steps=60, batch_size=16, learning_rate=1e-2, steps_per_call=20,
                            eval_batch_size=32, validation_size=40)
@@ -104,3 +108,54 @@ def test_search_over_real_children(trainer, tmp_path):
     assert summary["best"]["reward"] == max(r.reward for r in history)
     final = objective.final_test(tuple(summary["best"]["architecture"]), 20)
     assert 0.0 <= final["test_accuracy"] <= 1.0 and final["num_steps"] == 20
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    import numpy as np
+    import pytest
+    from jax.sharding import Mesh
+    from common import data, parallel
+    from nas import child
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (96, 12, 12, 1), np.uint8)
+    labels = (images[:, :6].mean((1, 2, 3)) > images[:, 6:].mean((1, 2, 3))).astype(np.int32)
+    train, validation = child.carve_validation(
+        data.Dataset(images, labels, "generated", "train", "test"), 36)
+    config = child.ChildConfig(num_steps=12, batch_size=8, learning_rate=1e-2, steps_per_call=5,
+                               eval_batch_size=10, validation_size=36)
+    layers = ((3, 3, 4, 2),)
+    runs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
+        trainer = child.ChildTrainer(config, child.ChildData(train, validation), mesh)
+        params, info = trainer.train(layers)
+        assert all(len(x.devices()) == len(devices) for x in jax.tree.leaves(params))
+        runs.append((parallel.to_host(params), info, trainer.accuracy(layers, params, validation),
+                     trainer.eval_batch_size))
+    (one, one_info, one_acc, one_eval), (four, four_info, four_acc, four_eval) = runs
+    assert (one_eval, four_eval) == (10, 12)  # rounded up to a multiple of the 4 devices
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, four)
+    for key in ("loss_start", "loss_end"):
+        assert four_info[key] == pytest.approx(one_info[key], rel=1e-5)
+    model = trainer.compiled(layers).model
+    logits = model.apply({"params": four}, data.to_float(validation.images))
+    correct = int(np.sum(np.argmax(logits, -1) == validation.labels))
+    assert four_acc == one_acc == correct / len(validation)
+    try:
+        child.ChildTrainer(child.ChildConfig(batch_size=6), child.ChildData(train, validation))
+    except ValueError as e:
+        assert "child batch size 6 is not divisible by the 4 devices" in str(e), e
+    else:
+        raise AssertionError("a batch of 6 on 4 devices was accepted")
+    print("SHARDED_OK", one_acc, one_info["loss_end"] - four_info["loss_end"])
+""")
+
+
+def test_child_training_on_4_devices_equals_1_device():
+    """Minibatches and evaluation batches split over 4 simulated devices: the same parameters,
+    losses and validation accuracy as on 1 device, and the accuracy equals a direct count."""
+    proc = run_python(["-c", SHARDED_SCRIPT], timeout=600)
+    assert "SHARDED_OK" in proc.stdout

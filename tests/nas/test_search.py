@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from common import checkpoints
 from nas import search
 from nas.search_space import SearchSpace
 
@@ -186,3 +187,22 @@ def test_larger_budget_continues_a_finished_reinforce_run(tmp_path):
                          for r in search.read_history(str(tmp_path / name))]
     assert read("extended") == read("straight") and len(read("straight")) == 15
     assert extended["best"]["architecture"] == straight["best"]["architecture"]
+
+
+def test_non_finite_reward_stops_the_search_before_it_is_recorded(tmp_path):
+    config, workdir = _config(tmp_path, checkpoint_every=1)
+    calls = []
+
+    def objective(architecture):
+        calls.append(architecture)
+        return float("nan") if len(calls) == 10 else toy_objective(architecture)
+
+    with pytest.raises(FloatingPointError, match="non-finite reward nan") as error:
+        search.train_and_evaluate(config, workdir, space=SPACE, objective=objective)
+    history = search.read_history(workdir)
+    assert f"Evaluation {len(history)} " in str(error.value)
+    assert sum(not r.cached for r in history) == 9 and all(np.isfinite(r.reward) for r in history)
+    with checkpoints.Checkpoints(workdir, 1) as ckpts:  # every finished controller step saved
+        assert ckpts.latest_step() == len(history) // config.architectures_per_step
+    resumed = search.train_and_evaluate(config, workdir, space=SPACE, objective=toy_objective)
+    assert resumed["evaluations"] == config.budget
