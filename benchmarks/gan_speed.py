@@ -11,9 +11,10 @@ is the median over repeats. Only the ratio is meaningful on a shared machine.
 Also reported: the FLOPs of our compiled step (XLA's cost analysis) as a fraction of this machine's
 fp32 matmul peak measured here, a per-op profile of our step (XLA ops from a JAX profiler trace),
 and the peak resident memory of a training process at batch 64, 256 and 1024 (one subprocess
-each). `--env_compare` reruns the ours/TF comparison in a subprocess with the CPU settings
-(XLA_FLAGS routing convolutions away from YNNPACK, as `launch/gan.py` sets by default, and
-GLIBC_TUNABLES hugetlb malloc); the main process measures the environment it was started in.
+each). The main process runs with the CPU settings `launch/gan.py` gives its users
+(`gan/cpu_settings.py`: XLA_FLAGS routing convolutions away from YNNPACK, GLIBC_TUNABLES hugetlb
+malloc; `GAN_CPU_SETTINGS=0` measures without them); `--env_compare` reruns the ours/TF comparison
+in a subprocess in the other environment.
 """
 
 from __future__ import annotations
@@ -30,23 +31,27 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-from absl import app, flags
+if __name__ == "__main__":
+    from gan import cpu_settings
+    cpu_settings.apply_before_jax()
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from gan import cpu_settings  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 256, "Batch size of both steps.")
 flags.DEFINE_integer("steps", 5, "Steps per timed repeat.")
 flags.DEFINE_integer("repeats", 5, "Alternating repeats (median reported).")
 flags.DEFINE_integer("child_batch", None, "Internal: measure peak RSS of training at this batch.")
 flags.DEFINE_bool("child_ratio", False, "Internal: print only the ours/TF figures as JSON.")
-flags.DEFINE_bool("env_compare", True, "Also compare with/without the launcher's CPU settings.")
-flags.DEFINE_integer("env_steps", 3, "Steps per repeat of the --env_compare subprocess.")
+flags.DEFINE_bool("env_compare", True, "Also compare without/with the launcher's CPU settings.")
+flags.DEFINE_integer("env_steps", 5, "Steps per repeat of the --env_compare subprocess.")
 flags.DEFINE_integer("env_repeats", 3, "Repeats of the --env_compare subprocess.")
 flags.DEFINE_string("output", "benchmarks/results/gan_speed.json", "Where to write the JSON.")
 FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-HUGETLB = "glibc.malloc.hugetlb=1"
 NOISE_DIM = 100
 
 
@@ -267,6 +272,14 @@ def peak_rss_mib(batch_size: int) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+def environment(env) -> dict:
+    """The two variables of the CPU settings and a label: 'cpu settings' when both are set."""
+    values = {k: env.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    applied = (cpu_settings.XLA_FLAG in (values["XLA_FLAGS"] or "")
+               and cpu_settings.GLIBC_TUNABLE in (values["GLIBC_TUNABLES"] or ""))
+    return {**values, "label": "cpu settings" if applied else "plain"}
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -287,7 +300,7 @@ def main(argv):
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "processor": platform.processor()},
               "versions": {"jax": jax.__version__, "python": platform.python_version()},
-              "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
+              "env": environment(os.environ),
               "flags": {k: FLAGS[k].value for k in ("batch_size", "steps", "repeats")},
               "load_before": load()}
     result.update(compare(FLAGS.batch_size, FLAGS.steps, FLAGS.repeats))
@@ -301,15 +314,15 @@ def main(argv):
     result["op_profile"] = op_profile(FLAGS.batch_size)
     result["peak_rss_mib"] = {str(b): peak_rss_mib(b) for b in (64, 256, 1024)}
     if FLAGS.env_compare:
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + YNN_OFF).strip(),
-                   GLIBC_TUNABLES=HUGETLB, PYTHONPATH=REPO)
+        other = (cpu_settings.with_settings if result["env"]["label"] == "plain"
+                 else cpu_settings.without_settings)(os.environ)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.gan_speed", "--child_ratio",
                                f"--batch_size={FLAGS.batch_size}",
                                f"--env_steps={FLAGS.env_steps}",
                                f"--env_repeats={FLAGS.env_repeats}"], capture_output=True, text=True,
-                              cwd=REPO, env=env, check=True)
-        result["with_cpu_settings"] = {"XLA_FLAGS": env["XLA_FLAGS"], "GLIBC_TUNABLES": HUGETLB,
-                                       **json.loads(proc.stdout.strip().splitlines()[-1])}
+                              cwd=REPO, env=dict(other, PYTHONPATH=REPO), check=True)
+        result["other_env"] = {**environment(other),
+                               **json.loads(proc.stdout.strip().splitlines()[-1])}
     result["load_after"] = load()
     print_table(result)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
@@ -322,9 +335,9 @@ def print_table(r: dict) -> None:
     print(f"\nDCGAN train step, batch {r['flags']['batch_size']} (load {r['load_before']} -> "
           f"{r['load_after']})")
     print(f"{'':28s}{'ours img/s':>12s}{'TF img/s':>12s}{'ratio':>8s}")
-    rows = [("plain environment", r)]
-    if "with_cpu_settings" in r:
-        rows.append(("YNN off + hugetlb malloc", r["with_cpu_settings"]))
+    rows = [(r["env"]["label"], r)]
+    if "other_env" in r:
+        rows.append((r["other_env"]["label"], r["other_env"]))
     for label, x in rows:
         print(f"{label:28s}{x['images_per_s_ours']:12.1f}{x['images_per_s_tf']:12.1f}"
               f"{x['ratio']:8.2f}")

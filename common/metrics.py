@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+import types
 from typing import Any, Mapping
 
 import jax
@@ -27,6 +29,18 @@ def _plain(value: Any) -> Any:
         value = np.asarray(value)
         return value.item() if value.ndim == 0 else value.tolist()
     return value
+
+
+def _event_file_writer(directory: str):
+    """TensorBoard's event-file writer, on its file-system stub rather than TensorFlow's.
+
+    Left alone, the writer's first write imports TensorFlow when it is installed (about 9 s);
+    the module `tensorboard.compat.notf` is TensorBoard's switch to its own stub, which writes
+    local files just as well.
+    """
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    return EventFileWriter(directory)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -57,8 +71,7 @@ class MetricWriter:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
         if tensorboard:
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
-            self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _event_file_writer(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.active:

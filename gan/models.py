@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gan import subpixel
+from gan import dropout, subpixel
 
 IMAGE_SHAPE = (28, 28, 1)
 NOISE_DIM = 100
@@ -75,16 +75,38 @@ class DCGANGenerator(nn.Module):
 
 class DCGANDiscriminator(nn.Module):
     """Conv(64, 5, 2) -> LReLU -> Dropout(0.3) -> Conv(128, 5, 2) -> LReLU -> Dropout(0.3)
-    -> Flatten -> Dense(1)."""
+    -> Flatten -> Dense(1).
+
+    `conv="phase"` computes the strided convolutions' input gradients phase by phase
+    (`gan.subpixel.conv`), "lax" with `nn.Conv`, the reference. `dropout="unrolled"` draws
+    `nn.Dropout`'s masks bit for bit with an unrolled Threefry (`gan.dropout`), "flax" with
+    `nn.Dropout`, the reference. Either way the same function of the same parameters.
+    """
 
     dropout_rate: float = 0.3
+    conv: str = "phase"
+    dropout: str = "unrolled"
+
+    def _conv(self, features: int, name: str) -> nn.Module:
+        if self.conv == "lax":
+            return nn.Conv(features, (5, 5), strides=(2, 2), padding="SAME", kernel_init=_glorot,
+                           name=name)
+        if self.conv == "phase":
+            return subpixel.PhaseConv(features, (5, 5), (2, 2), kernel_init=_glorot, name=name)
+        raise ValueError(f"conv must be 'phase' or 'lax', got {self.conv!r}")
+
+    def _dropout(self, train: bool) -> nn.Module:
+        if self.dropout == "flax":
+            return nn.Dropout(self.dropout_rate, deterministic=not train)
+        if self.dropout == "unrolled":
+            return dropout.Dropout(self.dropout_rate, deterministic=not train)
+        raise ValueError(f"dropout must be 'unrolled' or 'flax', got {self.dropout!r}")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         for i, features in enumerate((64, 128)):
-            x = nn.Conv(features, (5, 5), strides=(2, 2), padding="SAME", kernel_init=_glorot,
-                        name=f"conv{i}")(x)
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(_leaky_relu(x))
+            x = self._conv(features, f"conv{i}")(x)
+            x = self._dropout(train)(_leaky_relu(x))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(1, kernel_init=_glorot, name="dense")(x)[:, 0]
 

@@ -5,15 +5,10 @@ Evaluates one: `python -m launch.gan --workdir=... --evaluate_only` (latest chec
 """
 
 import json
-import os
 
-# CPU setting for XLA, applied before JAX starts its backend: route convolutions to XLA's Eigen
-# path rather than YNNPACK, faster for the DCGAN's shapes (benchmarks/gan_speed.py measures both).
-# A user's own XLA_FLAGS value for this flag wins; GAN_DEFAULT_XLA_FLAGS=0 disables the default.
-CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-if (os.environ.get("GAN_DEFAULT_XLA_FLAGS", "1") != "0"
-        and CPU_XLA_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", "")):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAG}".strip()
+if __name__ == "__main__":  # before JAX starts: XLA flags and glibc malloc (gan/cpu_settings.py)
+    from gan import cpu_settings
+    cpu_settings.apply_before_jax()
 
 from absl import app, flags, logging  # noqa: E402
 

@@ -36,6 +36,7 @@ flags.DEFINE_integer("baseline_steps", None, "Sinusoid: training steps of the pr
 flags.DEFINE_integer("train_characters", None, "Omniglot characters to meta-train on (1200).")
 flags.DEFINE_bool("rotate", None, "Omniglot: rotations by 90 degrees as new classes.")
 flags.DEFINE_string("cache_dir", None, "Where the decoded Omniglot array is cached.")
+flags.DEFINE_bool("evaluate", None, "Evaluate on held-out tasks after meta-training.")
 
 
 def main(argv):

@@ -238,13 +238,13 @@ def meta_train(config: Config, workdir: str, overwrite: bool = False) -> MetaSta
     """Meta-trains (or resumes) in `workdir` up to `num_steps` meta-steps; returns the state."""
     config.validate()
     mesh = parallel.make_mesh()
-    parallel.check_global_batch(config.meta_batch_size, mesh, "meta_batch_size")
+    per_device = parallel.check_global_batch(config.meta_batch_size, mesh, "meta_batch_size")
     family = make_family(config, "train")
     checkpoints.claim_workdir(workdir, config_dict(config), overwrite, RESUMABLE_KEYS)
-    logging.info("Meta-training the LSTM optimizer on %s: meta-batch %d over %d devices, "
-                 "horizon %d in unrolls of %d, %d meta-steps.", family.name,
-                 config.meta_batch_size, mesh.devices.size, config.horizon,
-                 config.unroll_length, config.num_steps)
+    logging.info("Meta-training the LSTM optimizer on %s: meta-batch %d = %d devices x %d tasks, "
+                 "%d processes; horizon %d in unrolls of %d, %d meta-steps.", family.name,
+                 config.meta_batch_size, mesh.devices.size, per_device, jax.process_count(),
+                 config.horizon, config.unroll_length, config.num_steps)
 
     ckpts = checkpoints.Checkpoints(workdir, config.checkpoint_every)
     state = jax.jit(lambda key: create_meta_state(config, family, key))(root_keys(config.seed)[0])

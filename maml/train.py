@@ -57,6 +57,7 @@ class Config:
     rotate: bool = True
     data_dir: str | None = None
     cache_dir: str | None = None
+    evaluate: bool = True  # the final evaluation (600 episodes; sinusoid: the baseline and curves)
     num_steps: int = 70_000
     seed: int = 0
     log_every: int = 100
@@ -85,7 +86,7 @@ class Config:
 
 # Keys a rerun may change without starting a different run.
 RESUMABLE_KEYS = ("num_steps", "log_every", "checkpoint_every", "eval_every", "data_dir",
-                  "cache_dir", "eval_episodes", "task_batching", "conv_impl")
+                  "cache_dir", "eval_episodes", "task_batching", "conv_impl", "evaluate")
 
 
 def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
@@ -225,7 +226,8 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     parallel.log_fingerprint(config.num_steps, state.meta_params)
     if jax.process_index() == 0:
         save_pictures(config, workdir)
-        results = evaluate.evaluate(config, parallel.to_host(state.meta_params), source, workdir,
-                                    learner)
-        logging.info("Evaluation: %s", evaluate.summary_line(results))
+        if config.evaluate:
+            results = evaluate.evaluate(config, parallel.to_host(state.meta_params), source,
+                                        workdir, learner)
+            logging.info("Evaluation: %s", evaluate.summary_line(results))
     return state

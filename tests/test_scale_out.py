@@ -43,8 +43,8 @@ LAUNCHERS = {
         "--evaluate=false")),
     "maml": Launcher("launch.maml", (
         "--dataset=sinusoid", "--shots=5", "--queries=5", "--batch_size=8", "--log_every=1",
-        "--eval_every=4", "--eval_episodes_during_training=8", "--eval_episodes=8",
-        "--test_shots=5", "--baseline_steps=2")),
+        "--eval_every=4", "--eval_episodes_during_training=8",
+        "--evaluate=false")),
     "nas": Launcher("launch.nas", (
         "--algorithm=reinforce", "--architectures_per_step=1", "--controller_hidden_size=8",
         "--controller_num_layers=1", "--learning_rate=0.05", "--space=cnn", "--dataset=digits",

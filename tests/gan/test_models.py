@@ -59,23 +59,70 @@ def test_maxout_is_the_max_over_pieces():
     chex.assert_trees_all_close(layer.apply(variables, x), linear.max(-1), rtol=1e-5)
 
 
+def _assert_same_values_and_gradients(ours, reference, x_shape, w_shape, seed):
+    """ours(x, w) == reference(x, w) and so are the gradients of a nonlinear probe loss, in
+    float64 on normal x and w."""
+    rng = np.random.default_rng(seed)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=x_shape))
+        w = jnp.asarray(rng.normal(size=w_shape))
+        chex.assert_trees_all_close(jax.jit(ours)(x, w), reference(x, w), atol=1e-12)
+        probe = jnp.asarray(rng.normal(size=reference(x, w).shape))
+        grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(probe * jnp.tanh(f(x, w))), (0, 1)))(
+            x, w) for f in (ours, reference)]
+        chex.assert_trees_all_close(grads[0], grads[1], atol=1e-12)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
 @pytest.mark.parametrize("kernel,stride,size", [(5, 2, 7), (5, 2, 14), (5, 1, 7), (4, 2, 5),
                                                 (3, 3, 4), (2, 2, 3)])
 def test_subpixel_conv_transpose_equals_lax_in_values_and_gradients(kernel, stride, size):
-    rng = np.random.default_rng(kernel * 10 + stride)
+    _assert_same_values_and_gradients(
+        lambda x, w: subpixel.conv_transpose(x, w, (stride, stride)),
+        lambda x, w: lax.conv_transpose(x, w, (stride, stride), "SAME", dimension_numbers=_NHWC),
+        (2, size, size + 1, 3), (kernel, kernel, 3, 4), kernel * 10 + stride)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(5, 2, 28), (5, 2, 14), (4, 2, 6), (3, 3, 6),
+                                                (5, 2, 7)])
+def test_phase_strided_conv_equals_lax_in_values_and_gradients(kernel, stride, size):
+    _assert_same_values_and_gradients(
+        lambda x, w: subpixel.conv(x, w, (stride, stride)),
+        lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                              dimension_numbers=_NHWC),
+        (2, size, size, 3), (kernel, kernel, 3, 4), kernel * 10 + stride + size)
+
+
+@pytest.mark.parametrize("pads", [((1, 1), (1, 1)), ((2, 0), (0, 1)), ((-1, 2), (1, -1))])
+def test_shift_add_correlation_equals_lax_in_values_and_gradients(pads):
+    _assert_same_values_and_gradients(
+        lambda x, k: subpixel.shift_add_correlation(x, k, pads),
+        lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_NHWC),
+        (2, 6, 5, 3), (3, 2, 3, 4), len(str(pads)))
+
+
+def _discriminator_grads(discriminator, variables, x, train, key):
+    def loss(params, x):
+        logits = discriminator.apply({"params": params}, x, train=train, rngs={"dropout": key})
+        return jnp.sum(jnp.sin(logits))
+    return jax.jit(jax.value_and_grad(loss, (0, 1)))(variables["params"], x)
+
+
+def test_fast_and_reference_discriminators_are_the_same_function():
+    fast = models.DCGANDiscriminator()
+    reference = models.DCGANDiscriminator(conv="lax", dropout="flax")
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 28, 28, 1))
+    variables = reference.init(jax.random.PRNGKey(1), x, train=False)
+    chex.assert_trees_all_equal(variables, fast.init(jax.random.PRNGKey(1), x, train=False))
+    key = jax.random.PRNGKey(2)
+    # Training mode, float32: the same dropout masks, so equal up to float rounding.
+    results = [_discriminator_grads(d, variables, x, True, key) for d in (fast, reference)]
+    chex.assert_trees_all_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+    # float64 without dropout (whose float64 masks come from 64-bit uniforms in nn.Dropout).
     with jax.enable_x64(True):
-        x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)))
-        w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)))
-
-        def reference(x, w):
-            return lax.conv_transpose(x, w, (stride, stride), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-        def ours(x, w):
-            return subpixel.conv_transpose(x, w, (stride, stride))
-
-        chex.assert_trees_all_close(ours(x, w), reference(x, w), atol=1e-12)
-        probe = jnp.asarray(rng.normal(size=reference(x, w).shape))
-        grads = [jax.grad(lambda x, w, f=f: jnp.sum(probe * jnp.tanh(f(x, w))), (0, 1))(x, w)
-                 for f in (ours, reference)]
-        chex.assert_trees_all_close(grads[0], grads[1], atol=1e-12)
+        variables64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), variables)
+        results = [_discriminator_grads(d, variables64, x.astype(jnp.float64), False, key)
+                   for d in (fast, reference)]
+        chex.assert_trees_all_close(results[0], results[1], atol=1e-12)

@@ -1,12 +1,10 @@
 """Meta-training: the truncated meta-gradient against finite differences, model selection,
-resume, the 4-device meta-step, and a short meta-training that must help."""
+resume, and a short meta-training that must help (4 devices and 2 processes:
+tests/test_scale_out.py)."""
 
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,6 @@ import numpy as np
 from common import metrics
 from learned_optimizers import lstm, meta_train, tasks
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = meta_train.Config(hidden_size=4, unroll_length=3, horizon=6, meta_batch_size=2,
                          second_order=True)
@@ -90,38 +87,3 @@ def test_short_meta_training_beats_the_untrained_lstm_and_resumes_exactly(tmp_pa
     saved, settings = lstm.load(os.path.join(workdir, meta_train.META_PARAMS_FILE))
     assert settings == {"scale": SHORT.output_scale, "preprocessing": SHORT.preprocessing}
     np.testing.assert_allclose(loss_at_horizon(saved), trained_loss, rtol=1e-6)
-
-
-FOUR_DEVICES = textwrap.dedent("""
-    import jax, numpy as np
-    from jax.sharding import Mesh
-    from common import parallel
-    from learned_optimizers import meta_train, tasks
-    assert jax.device_count() == 4, jax.devices()
-    config = meta_train.Config(hidden_size=8, meta_batch_size=8, unroll_length=5, horizon=10)
-    family = tasks.quadratic_family()
-    initial = jax.jit(lambda key: meta_train.create_meta_state(config, family, key))(
-        jax.random.PRNGKey(0))
-    results = []
-    for mesh in (Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,)), parallel.make_mesh()):
-        state = meta_train.place(initial, meta_train.state_shardings(mesh, initial))
-        step = meta_train.jit_meta_step(config, family, mesh, state)
-        for _ in range(3):  # a fresh meta-batch, then two unrolls continuing it
-            state, m = step(state, parallel.replicate(mesh, ()))
-        results.append((parallel.to_host(state.meta_params), parallel.to_host(state.trajectories),
-                        float(m["meta_loss"])))
-        assert len(state.trajectories.params.sharding.device_set) == mesh.devices.size
-    (p1, t1, l1), (p4, t4, l4) = results
-    np.testing.assert_allclose(l1, l4, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves((p1, t1)), jax.tree.leaves((p4, t4))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    print("OK")
-""")
-
-
-def test_four_device_meta_step_equals_single_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
