@@ -28,6 +28,7 @@ import optax
 from absl import logging
 
 from common import checkpoints, data, images, metrics, parallel
+from common.config import check_positive
 from gan import evaluate, losses, models
 
 SCHEDULES = ("sequential", "simultaneous")
@@ -87,9 +88,7 @@ class Config:
         if self.schedule == "simultaneous" and self.d_steps != 1:
             raise ValueError("The simultaneous schedule updates D and G from one forward pass "
                              "(k = 1); use --schedule=sequential for d_steps > 1.")
-        for field in ("batch_size", "log_every", "checkpoint_every", "sample_every"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+        check_positive(self, ("batch_size", "log_every", "checkpoint_every", "sample_every"))
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}.")
 

@@ -32,6 +32,7 @@ import optax
 from absl import logging
 
 from common import checkpoints, metrics, parallel
+from common.config import check_positive
 from learned_optimizers import lstm, tasks
 
 ESTIMATORS = ("tbptt",)
@@ -82,11 +83,10 @@ class Config:
         if self.horizon % self.unroll_length:
             raise ValueError(f"horizon {self.horizon} is not a multiple of unroll_length "
                              f"{self.unroll_length}.")
-        for field in ("horizon", "unroll_length", "meta_batch_size", "num_steps", "log_every",
-                      "checkpoint_every", "validate_every", "num_validation_tasks",
-                      "num_test_tasks", "hidden_size", "num_layers", "batch_size", "pool"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+        check_positive(self, ("horizon", "unroll_length", "meta_batch_size", "num_steps",
+                              "log_every", "checkpoint_every", "validate_every",
+                              "num_validation_tasks", "num_test_tasks", "hidden_size", "num_layers",
+                              "batch_size", "pool"))
 
 
 # Keys a rerun may change without starting a different run.

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from common import checkpoints, images, metrics, omniglot, parallel
+from common.config import check_positive
 from maml import core, evaluate, models, tasks
 
 DATASETS = ("sinusoid", "omniglot")
@@ -71,10 +72,9 @@ class Config:
                 raise ValueError(f"Unknown {field} {getattr(self, field)!r}; "
                                  f"choose one of {', '.join(allowed)}.")
         self.meta_config().validate()
-        for field in ("ways", "shots", "queries", "batch_size", "num_steps", "log_every",
-                      "checkpoint_every", "eval_every", "eval_episodes", "test_inner_steps"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+        check_positive(self, ("ways", "shots", "queries", "batch_size", "num_steps", "log_every",
+                              "checkpoint_every", "eval_every", "eval_episodes",
+                              "test_inner_steps"))
 
     def meta_config(self) -> core.MetaConfig:
         return core.MetaConfig(inner_steps=self.inner_steps, inner_lr=self.inner_lr,

@@ -40,6 +40,7 @@ import optax
 from jax.sharding import Mesh
 
 from common import data, parallel
+from common.config import check_positive
 from nas.search_space import SearchSpace, cnn_layers, cnn_space
 
 Layers = tuple[tuple[int, int, int, int], ...]  # (filter_height, filter_width, filters, stride)
@@ -62,10 +63,8 @@ class ChildConfig:
     def validate(self) -> None:
         if self.padding not in PADDINGS:
             raise ValueError(f"Unknown padding {self.padding!r}; choose SAME or VALID.")
-        for field in ("num_steps", "batch_size", "validation_size", "steps_per_call",
-                      "eval_batch_size"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+        check_positive(self, ("num_steps", "batch_size", "validation_size", "steps_per_call",
+                              "eval_batch_size"))
 
 
 class VanishingFeatureMapError(ValueError):

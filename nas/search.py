@@ -46,6 +46,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from common import checkpoints, images, metrics, parallel
+from common.config import check_positive
 from nas import controller as controller_lib
 from nas.search_space import Architecture, MacroBenchmark, Objective, SearchSpace, reward_and_info
 
@@ -101,10 +102,8 @@ class Config:
             if getattr(self, field) not in allowed:
                 raise ValueError(f"Unknown {field} {getattr(self, field)!r}; "
                                  f"choose one of {', '.join(allowed)}.")
-        for field in ("budget", "architectures_per_step", "population_size", "tournament_size",
-                      "checkpoint_every", "log_every"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+        check_positive(self, ("budget", "architectures_per_step", "population_size",
+                              "tournament_size", "checkpoint_every", "log_every"))
         if self.tournament_size > self.population_size:
             raise ValueError(f"tournament_size ({self.tournament_size}) exceeds population_size "
                              f"({self.population_size}).")
