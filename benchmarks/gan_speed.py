@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,10 @@ flags.DEFINE_integer("batch_size", 256, "Batch size of both steps.")
 flags.DEFINE_integer("steps", 5, "Steps per timed repeat.")
 flags.DEFINE_integer("repeats", 5, "Alternating repeats (median reported).")
 flags.DEFINE_integer("child_batch", None, "Internal: measure peak RSS of training at this batch.")
+flags.DEFINE_enum("child_framework", "ours", ["ours", "tf"],
+                  "Internal: whose step --child_batch runs.")
+flags.DEFINE_bool("only_memory", False,
+                  "Measure only the peak RSS by batch and update it in an existing --output.")
 flags.DEFINE_bool("child_ratio", False, "Internal: print only the ours/TF figures as JSON.")
 flags.DEFINE_bool("env_compare", True, "Also compare without/with the launcher's CPU settings.")
 flags.DEFINE_integer("env_steps", 5, "Steps per repeat of the --env_compare subprocess.")
@@ -263,13 +266,30 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
     return ops
 
 
-def peak_rss_mib(batch_size: int) -> float:
-    """Peak resident memory (MiB) of a process running 3 of our train steps at `batch_size`."""
+def peak_rss_of_this_process_mib() -> float:
+    """VmHWM: the high-water mark of this process image's resident memory. Not getrusage's
+    ru_maxrss, which Linux carries across fork and exec: a child started by a large parent
+    reports at least the parent's size at the fork."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
+
+
+def peak_rss_mib(batch_size: int, framework: str = "ours") -> float:
+    """Peak resident memory (MiB) of a process running 3 train steps (ours or TensorFlow's) at
+    `batch_size`, data included."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gan_speed",
-                           f"--child_batch={batch_size}", "--env_compare=false"],
+                           f"--child_batch={batch_size}", f"--child_framework={framework}",
+                           "--env_compare=false"],
                           capture_output=True, text=True, check=True, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=REPO))
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_by_batch() -> dict:
+    return {"peak_rss_mib": {str(b): peak_rss_mib(b) for b in (64, 256, 1024)},
+            "peak_rss_mib_tf": {str(b): peak_rss_mib(b, "tf") for b in (64, 256, 1024)},
+            "peak_rss_note": "VmHWM of a fresh process that loads the data, builds the step and "
+                             "runs 3 steps at the batch size"}
 
 
 def environment(env) -> dict:
@@ -287,9 +307,20 @@ def load() -> str:
 def main(argv):
     del argv
     if FLAGS.child_batch:
-        ours, _ = our_step(FLAGS.child_batch)
-        time_ours(ours, real_batches(FLAGS.child_batch, 3))
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+        if FLAGS.child_framework == "tf":
+            time_tf(tf_step(FLAGS.child_batch), real_batches(FLAGS.child_batch, 3))
+        else:
+            time_ours(our_step(FLAGS.child_batch)[0], real_batches(FLAGS.child_batch, 3))
+        print(peak_rss_of_this_process_mib())
+        return
+    if FLAGS.only_memory:
+        with open(FLAGS.output) as f:
+            result = json.load(f)
+        result.update(peak_rss_by_batch())
+        print("peak RSS MiB by batch:", result["peak_rss_mib"], "TensorFlow:",
+              result["peak_rss_mib_tf"])
+        with open(FLAGS.output, "w") as f:
+            json.dump(result, f, indent=2)
         return
     if FLAGS.child_ratio:
         steps, repeats = FLAGS.env_steps, FLAGS.env_repeats
@@ -312,7 +343,7 @@ def main(argv):
                    "flops_fraction_of_peak":
                        flops * result["images_per_s_ours"] / FLAGS.batch_size / peak})
     result["op_profile"] = op_profile(FLAGS.batch_size)
-    result["peak_rss_mib"] = {str(b): peak_rss_mib(b) for b in (64, 256, 1024)}
+    result.update(peak_rss_by_batch())
     if FLAGS.env_compare:
         other = (cpu_settings.with_settings if result["env"]["label"] == "plain"
                  else cpu_settings.without_settings)(os.environ)
@@ -344,7 +375,7 @@ def print_table(r: dict) -> None:
     print(f"FLOPs/step {r['flops_per_step'] / 1e9:.1f} G; achieved {r['achieved_flops'] / 1e9:.1f} "
           f"GFLOP/s; matmul peak {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; fraction "
           f"{r['flops_fraction_of_peak']:.3f}")
-    print("peak RSS MiB by batch:", r["peak_rss_mib"])
+    print("peak RSS MiB by batch:", r["peak_rss_mib"], "TensorFlow:", r.get("peak_rss_mib_tf"))
     print(f"\n{'op':28s}{'ms/step':>9s}{'share':>7s}  {'hlo':14s}{'shape':28s}source")
     for op in r["op_profile"]:
         print(f"{op['op'][:28]:28s}{op['ms_per_step']:9.1f}{op['fraction']:7.1%}  "

@@ -193,7 +193,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--settings", default="5way1shot,20way1shot")
+    parser.add_argument("--settings", default="5way1shot,20way1shot",
+                        help="speed settings to time (the others' results in --out are kept)")
+    parser.add_argument("--orders", default="second,first", help="meta-gradient orders to time")
     parser.add_argument("--memory_steps", default="1,5,10")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--out", default="benchmarks/results/maml.json")
@@ -207,12 +209,19 @@ def main():
                "versions": {"jax": jax.__version__, "torch": torch.__version__,
                             "numpy": np.__version__},
                "flags": vars(args), "matmul_peak_flops_per_s": peak, "speed": {}}
+    if os.path.exists(args.out):  # rows not measured this time stay as they were
+        with open(args.out) as f:
+            kept = json.load(f)
+        results["speed"] = kept.get("speed", {})
+        for key in ("peak_memory_bytes_vs_inner_steps", "peak_memory_note"):
+            if key in kept:
+                results[key] = kept[key]
     print(f"matmul peak (1024^2, jax, this invocation): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'setting':22s} {'ours s/step':>12s} {'torch s/step':>12s} {'ratio':>7s} "
           f"{'GFLOP/s':>8s}")
-    for name in args.settings.split(","):
+    for name in filter(None, args.settings.split(",")):
         ways, shots, meta_batch, _, _ = SETTINGS[name]
-        for first_order in (False, True):
+        for first_order in [order == "first" for order in args.orders.split(",")]:
             config = our_config(name, first_order)
             batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
             ours, put, step, holder = our_step(config)
@@ -237,6 +246,7 @@ def main():
                 "seconds_per_step_ours": times["ours"], "seconds_per_step_torch": times["torch"],
                 "meta_steps_per_s_ours": 1 / s_ours, "meta_steps_per_s_torch": 1 / s_torch,
                 "ratio": s_torch / s_ours, "flops_per_step": cost["flops"],
+                "load_average": os.getloadavg(),
                 "achieved_flops_per_s": cost["flops"] / s_ours,
                 "fraction_of_matmul_peak": cost["flops"] / s_ours / peak}
             print(f"{key:22s} {s_ours:12.3f} {s_torch:12.3f} {s_torch / s_ours:7.2f} "
@@ -248,12 +258,16 @@ def main():
     name = "5way1shot"
     ways, shots, meta_batch, _, _ = SETTINGS[name]
     batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
-    results["peak_memory_bytes_vs_inner_steps"] = {}
-    for steps in (int(s) for s in args.memory_steps.split(",") if s):
+    memory_steps = [int(s) for s in args.memory_steps.split(",") if s]
+    if memory_steps:
+        results["peak_memory_bytes_vs_inner_steps"] = {}
+    for steps in memory_steps:
         config = dataclasses.replace(our_config(name, False), inner_steps=steps)
         _, put, step, holder = our_step(config)
         temp = flops_and_memory(step, holder, put(batch))["temp_bytes"]
         results["peak_memory_bytes_vs_inner_steps"][steps] = temp
+        results["peak_memory_note"] = ("XLA's memory analysis of the compiled meta-step: temporary "
+                                       "buffers, the peak beyond parameters and the batch")
         print(f"5-way 1-shot meta-batch 32, second order, {steps:2d} inner steps: XLA temp "
               f"buffers {temp / 2**20:.1f} MiB", flush=True)
         write(args.out, results)

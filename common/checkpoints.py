@@ -25,11 +25,14 @@ class WorkdirConflictError(RuntimeError):
 
 
 def claim_workdir(workdir: str, config: dict[str, Any], overwrite: bool = False,
-                  resumable_keys: Iterable[str] = ()) -> None:
+                  resumable_keys: Iterable[str] = (), defaults: dict[str, Any] | None = None
+                  ) -> None:
     """Makes `workdir` this run's, or refuses.
 
     A fresh workdir gets `config.json`. An existing one is accepted when its configuration equals
-    `config` in every key except `resumable_keys` (e.g. `num_steps`, which a rerun may extend).
+    `config` in every key except `resumable_keys` (e.g. `num_steps`, which a rerun may extend);
+    a key its stored configuration lacks (written before the key existed) counts as its value in
+    `defaults`.
     Otherwise `WorkdirConflictError` names the differing keys, unless `overwrite` is set, in which
     case the old run's contents are deleted first.
     """
@@ -37,7 +40,7 @@ def claim_workdir(workdir: str, config: dict[str, Any], overwrite: bool = False,
     config = json.loads(json.dumps(config))  # normalise tuples to lists, as stored
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f)
+            old = {**json.loads(json.dumps(defaults or {})), **json.load(f)}
         ignored = set(resumable_keys)
         diff = sorted(k for k in set(old) | set(config)
                       if k not in ignored and old.get(k) != config.get(k))

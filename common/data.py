@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import os
+import re
 import struct
 from typing import Iterator
 
@@ -133,12 +135,19 @@ def load_digits(split: str) -> Dataset:
     """scikit-learn's 1,797 real 8x8 digits, resized to 28x28 (bicubic), 0..16 mapped to 0..255.
 
     The split is fixed: a permutation drawn with seed 0 puts 1/6 of the digits (300) in `test`.
+    The digits are read from the file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`,
+    what `sklearn.datasets.load_digits` parses) without importing scikit-learn, whose import
+    takes seconds.
     """
     from PIL import Image
-    from sklearn.datasets import load_digits as sk_load_digits
 
-    bunch = sk_load_digits()
-    small = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError("Dataset 'digits' needs scikit-learn: pip install scikit-learn.")
+    table = np.loadtxt(os.path.join(spec.submodule_search_locations[0], "datasets", "data",
+                                    "digits.csv.gz"), delimiter=",")
+    small = np.clip(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    targets = table[:, -1].astype(np.int32)
     images = np.stack([
         np.asarray(Image.fromarray(im).resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC))
         for im in small
@@ -146,7 +155,7 @@ def load_digits(split: str) -> Dataset:
     order = np.random.default_rng(0).permutation(len(images))
     num_test = int(round(len(images) * DIGITS_TEST_FRACTION))
     idx = order[:num_test] if split == "test" else order[num_test:]
-    return Dataset(images[idx][..., None], bunch.target[idx].astype(np.int32), "digits", split,
+    return Dataset(images[idx][..., None], targets[idx], "digits", split,
                    "sklearn.datasets.load_digits")
 
 
@@ -169,13 +178,29 @@ def load_tfds(name: str, split: str, data_dir: str | None = None,
 # The one entry point
 
 
+def parse_split(split: str) -> tuple[str, slice]:
+    """'train', 'test' or a slice of one in TFDS syntax ('test[:8000]', 'test[8000:]')."""
+    match = re.fullmatch(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?", split)
+    if not match or match.group(1) not in IDX_NAMES:
+        raise ValueError(f"Unknown split {split!r}; choose 'train' or 'test', or a slice of one "
+                         "such as 'test[:8000]'.")
+    base, start, stop = match.groups()
+    return base, slice(int(start) if start else None, int(stop) if stop else None)
+
+
 def load(name: str, split: str = "train", data_dir: str | None = None,
          tfds_download: bool = False) -> Dataset:
-    """Loads dataset `name` ('mnist', 'fashion_mnist', 'kmnist', 'digits'), split 'train'/'test'."""
+    """Loads dataset `name` ('mnist', 'fashion_mnist', 'kmnist', 'digits'), split 'train'/'test'
+    or a slice of one ('test[:8000]': MNIST's test digits as a small training set offline)."""
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-    if split not in IDX_NAMES:
-        raise ValueError(f"Unknown split {split!r}; choose 'train' or 'test'.")
+    base, rows = parse_split(split)
+    if base != split:
+        whole = load(name, base, data_dir, tfds_download)
+        if not len(whole.labels[rows]):
+            raise ValueError(f"Split {split!r} of {name} is empty ({len(whole)} {base} images).")
+        return dataclasses.replace(whole, images=whole.images[rows], labels=whole.labels[rows],
+                                   split=split)
     if name == "digits":
         return load_digits(split)
 

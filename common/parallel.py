@@ -145,5 +145,14 @@ def log_fingerprint(step: int, tree) -> None:
     logging.info("Parameter fingerprint at step %d: %s", step, fingerprint(tree))
 
 
+def agree(decision: bool) -> bool:
+    """Process 0's `decision` on every process (e.g. whether a time limit has passed, which each
+    process would judge by its own clock)."""
+    if jax.process_count() == 1:
+        return bool(decision)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0

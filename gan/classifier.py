@@ -11,7 +11,10 @@ Architecture (inputs 28x28x1 in [-1, 1]):
 Strided convolutions rather than max-pooling: XLA's CPU backward of max-pooling
 (select-and-scatter) made a training step about 8x slower.
 
-It is trained with Adam on the dataset's training split and cached per dataset in
+It is trained with Adam (learning rate decayed along a cosine) on the dataset's training split,
+for 5 epochs or 3,000 steps of 128, whichever is more, with random translations of up to 2 pixels
+(MNIST offline has 8,000 training digits: without them the classifier stops at 97.7%), and cached
+per dataset in
 `cache_dir/<dataset>-<fingerprint>/` (parameters and `classifier.json`: test accuracy and what it
 was trained and tested on). Where only a test split exists (MNIST offline: `../shared/data/mnist`
 holds the 10,000 test digits), the classifier trains on the first `TEST_ONLY_TRAIN` test images
@@ -47,8 +50,10 @@ class ClassifierConfig:
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     epochs: int = 5
+    min_steps: int = 3000  # small training sets (8,000 MNIST test digits offline) train longer
     batch_size: int = 128
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # Adam, decayed to 0 along a cosine
+    max_shift: int = 2  # augmentation: random translations of up to this many pixels
     seed: int = 0
     max_train_examples: int | None = None  # tests: train on a small subset
 
@@ -92,9 +97,8 @@ def _splits(config: ClassifierConfig) -> tuple[data.Dataset, data.Dataset, str, 
         return train, test, f"{config.dataset} train split ({train.source})", \
             f"{config.dataset} test split ({len(test)} images)"
     except data.DataNotFoundError:
-        head, tail = (dataclasses.replace(test, images=a, labels=b, split=s) for a, b, s in (
-            (test.images[:TEST_ONLY_TRAIN], test.labels[:TEST_ONLY_TRAIN], "test[:8000]"),
-            (test.images[TEST_ONLY_TRAIN:], test.labels[TEST_ONLY_TRAIN:], "test[8000:]")))
+        head, tail = (data.load(config.dataset, split, config.data_dir)
+                      for split in (f"test[:{TEST_ONLY_TRAIN}]", f"test[{TEST_ONLY_TRAIN}:]"))
         return (head, tail,
                 f"{config.dataset} test images 0-{TEST_ONLY_TRAIN - 1} (no training split found)",
                 f"{config.dataset} test images {TEST_ONLY_TRAIN}-{len(test) - 1}")
@@ -105,12 +109,27 @@ def accuracy(params, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, -1) == labels))
 
 
+def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image translated by its own (dy, dx) in [-max_shift, max_shift]^2, filled with -1."""
+    if not max_shift:
+        return images
+    n, h, w = images.shape[:3]
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)),
+                    constant_values=-1.0)
+    dy, dx = rng.integers(0, 2 * max_shift + 1, (2, n))
+    rows = dy[:, None] + np.arange(h)[None, :]
+    cols = dx[:, None] + np.arange(w)[None, :]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def train(config: ClassifierConfig) -> Classifier:
     """Trains the CNN with Adam and softmax cross-entropy; returns it with its test accuracy."""
     train_set, test_set, trained_on, tested_on = _splits(config)
     images = data.to_float(train_set.images[:config.max_train_examples])
     labels = train_set.labels[:config.max_train_examples]
-    tx = optax.adam(config.learning_rate)
+    batch = min(config.batch_size, len(images))
+    steps = max(config.epochs * (len(images) // batch), config.min_steps)
+    tx = optax.adam(optax.cosine_decay_schedule(config.learning_rate, steps))
     params = CNN().init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 28, 28, 1)))["params"]
     opt_state = tx.init(params)
 
@@ -123,11 +142,10 @@ def train(config: ClassifierConfig) -> Classifier:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    batch = min(config.batch_size, len(images))
-    steps = config.epochs * (len(images) // batch)
     for s in range(steps):
         idx = data.batch_indices(len(images), batch, config.seed, s)
-        params, opt_state, loss = step(params, opt_state, images[idx], labels[idx])
+        x = random_shift(images[idx], config.max_shift, np.random.default_rng([config.seed, s]))
+        params, opt_state, loss = step(params, opt_state, x, labels[idx])
     acc = accuracy(params, test_set.images, test_set.labels)
     info = {"dataset": config.dataset, "test_accuracy": acc, "trained_on": trained_on,
             "num_train_examples": len(images), "tested_on": tested_on,

@@ -65,7 +65,10 @@ class EvalConfig:
     parzen: bool = True
     classifier_dir: str | None = None  # cache of trained classifiers
     classifier_epochs: int = 5
+    classifier_min_steps: int = 3000
     seed: int = 0
+    train_split: str = "train"  # where the Parzen validation images are drawn from
+    test_split: str = "test"  # the real images: FID reference and Parzen test set
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,9 +229,9 @@ def reference_images(dataset: str, data_dir: str | None, config: EvalConfig
 
     The validation images are a seeded random `num_validation` of the training split (None when
     the dataset has no training split here)."""
-    test = data.load(dataset, "test", data_dir).images[:config.num_real]
+    test = data.load(dataset, config.test_split, data_dir).images[:config.num_real]
     try:
-        train_images = data.load(dataset, "train", data_dir).images
+        train_images = data.load(dataset, config.train_split, data_dir).images
         pick = np.random.default_rng(config.seed).permutation(len(train_images))
         validation = train_images[pick[:config.num_validation]].astype(np.float32) / 255.0
     except data.DataNotFoundError:
@@ -242,7 +245,8 @@ def evaluate_images(samples: np.ndarray, dataset: str, data_dir: str | None,
     start = time.time()
     clf = classifier_lib.load_or_train(
         classifier_lib.ClassifierConfig(dataset=dataset, data_dir=data_dir,
-                                        epochs=config.classifier_epochs),
+                                        epochs=config.classifier_epochs,
+                                        min_steps=config.classifier_min_steps),
         config.classifier_dir)
     test, validation = reference_images(dataset, data_dir, config)
     records = classifier_metrics(clf, samples * 2 - 1, test * 2 - 1, config.is_splits)
@@ -279,6 +283,8 @@ def evaluate_workdir(workdir: str, config: EvalConfig) -> dict[str, Any]:
                                 "train one first with `python -m launch.gan --workdir=...`.")
     with open(config_path) as f:
         train_config = train.Config(**json.load(f))
+    config = dataclasses.replace(config, train_split=train_config.train_split,
+                                 test_split=train_config.eval_split)  # the run's own splits
     template = train.create_train_state(train_config, jax.random.PRNGKey(0))
     with checkpoints.Checkpoints(workdir, save_every=1) as ckpts:
         state, step = ckpts.restore_latest(template)

@@ -17,7 +17,9 @@ Sample grids use the running averages (Keras' `training=False`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import time
 from typing import Any, Callable
 
 import flax
@@ -57,9 +59,12 @@ class Config:
     noise_dim: int = models.NOISE_DIM
     dataset: str = "digits"
     data_dir: str | None = None
+    train_split: str = "train"  # or a slice: MNIST offline trains on "test[:8000]"
+    eval_split: str = "test"  # the real images of FID and the Parzen test set ("test[8000:]")
     batch_size: int = 256
     num_epochs: int = 50
     num_steps: int | None = None  # overrides num_epochs
+    max_minutes: float = 0.0  # stop at the first checkpoint after this long (0: no limit)
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 1000
@@ -74,6 +79,7 @@ class Config:
     eval_parzen: bool = True
     classifier_dir: str | None = None
     classifier_epochs: int = 5
+    classifier_min_steps: int = 3000
 
     def validate(self) -> None:
         choices = {"model": tuple(models.MODELS), "loss": tuple(losses.LOSSES),
@@ -88,15 +94,20 @@ class Config:
         if self.schedule == "simultaneous" and self.d_steps != 1:
             raise ValueError("The simultaneous schedule updates D and G from one forward pass "
                              "(k = 1); use --schedule=sequential for d_steps > 1.")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}.")
         check_positive(self, ("batch_size", "log_every", "checkpoint_every", "sample_every"))
+        for split in (self.train_split, self.eval_split):
+            data.parse_split(split)
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}.")
 
 
 # Keys a rerun may change without starting a different run.
-RESUMABLE_KEYS = ("num_steps", "num_epochs", "log_every", "checkpoint_every", "sample_every",
-                  "data_dir", "num_samples", "eval_every", "eval_num_samples", "eval_num_real",
-                  "eval_num_validation", "eval_parzen", "classifier_dir", "classifier_epochs")
+RESUMABLE_KEYS = ("num_steps", "num_epochs", "max_minutes", "log_every", "checkpoint_every",
+                  "sample_every", "data_dir", "num_samples", "eval_every", "eval_num_samples",
+                  "eval_num_real", "eval_num_validation", "eval_parzen", "classifier_dir",
+                  "classifier_epochs", "classifier_min_steps")
 
 
 @flax.struct.dataclass
@@ -113,7 +124,9 @@ def eval_config(config: Config) -> "evaluate.EvalConfig":
     return evaluate.EvalConfig(num_samples=config.eval_num_samples, num_real=config.eval_num_real,
                                num_validation=config.eval_num_validation, parzen=config.eval_parzen,
                                classifier_dir=config.classifier_dir,
-                               classifier_epochs=config.classifier_epochs, seed=config.seed)
+                               classifier_epochs=config.classifier_epochs,
+                               classifier_min_steps=config.classifier_min_steps, seed=config.seed,
+                               train_split=config.train_split, test_split=config.eval_split)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -143,6 +156,7 @@ def root_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return init_key, train_key, sample_key
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compilation, not one per init op
 def create_train_state(config: Config, key: jax.Array) -> GANState:
     generator, discriminator, _ = models.get_models(config.model)
     g_key, d_key = jax.random.split(key)
@@ -287,7 +301,7 @@ def real_batches(dataset: np.ndarray, config: Config, step: int) -> np.ndarray:
 
 def load_training_images(config: Config) -> np.ndarray:
     """The training split as float32 in the generator's output range, checked to fit the model."""
-    dataset = data.load(config.dataset, "train", config.data_dir)
+    dataset = data.load(config.dataset, config.train_split, config.data_dir)
     if dataset.image_shape != models.IMAGE_SHAPE:
         raise ValueError(f"{config.model} models images of shape {models.IMAGE_SHAPE}; dataset "
                          f"{config.dataset} has {dataset.image_shape}.")
@@ -332,7 +346,8 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     per_device = parallel.check_global_batch(config.batch_size, mesh)
     train_images = load_training_images(config)
     total_steps = num_train_steps(config, len(train_images))
-    checkpoints.claim_workdir(workdir, dataclasses.asdict(config), overwrite, RESUMABLE_KEYS)
+    checkpoints.claim_workdir(workdir, dataclasses.asdict(config), overwrite, RESUMABLE_KEYS,
+                              defaults=dataclasses.asdict(Config()))
     logging.info("GAN %s (%s loss, %s schedule, k=%d) on %s: %d training images, global batch "
                  "%d = %d devices x %d, %d processes; %d steps.", config.model, config.loss,
                  config.schedule, config.d_steps, config.dataset, len(train_images),
@@ -346,11 +361,11 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
             logging.info("Resumed from the checkpoint of step %d.", start_step)
         writer = metrics.MetricWriter(workdir, resume_step=start_step)
         try:
-            state = _train_loop(config, workdir, mesh, state, train_images, start_step,
-                                total_steps, ckpts, writer)
+            state, last_step = _train_loop(config, workdir, mesh, state, train_images, start_step,
+                                           total_steps, ckpts, writer)
         finally:
             writer.close()
-    parallel.log_fingerprint(total_steps, (state.g_params, state.d_params))
+    parallel.log_fingerprint(last_step, (state.g_params, state.d_params))
     if jax.process_index() == 0:
         logging.info("Done. Samples: %s  metrics: %s  checkpoints: %s",
                      os.path.join(workdir, "samples.png"),
@@ -360,11 +375,14 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
 
 def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_images: np.ndarray,
                 start_step: int, total_steps: int, ckpts: checkpoints.Checkpoints,
-                writer: metrics.MetricWriter) -> GANState:
-    """Steps `start_step` to `total_steps`: log, check for NaNs, checkpoint, draw samples."""
+                writer: metrics.MetricWriter) -> tuple[GANState, int]:
+    """Steps `start_step` to `total_steps` (or to the checkpoint where `max_minutes` ran out):
+    log, check for NaNs, checkpoint, draw samples. Returns the state and its step."""
     progress = metrics.Progress(total_steps, start_step, config.batch_size * config.d_steps)
     train_step = jit_train_step(config, mesh)
     pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
+    start_time = time.monotonic()
+    done = start_step
     for step in range(start_step, total_steps):
         real = parallel.shard_batch(mesh, real_batches(train_images, config, step), axis=1)
         state, step_metrics = train_step(state, real)
@@ -383,7 +401,17 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             pending.checkpointed(done)
-        if jax.process_index() == 0 and (metrics.due(done, config.sample_every, total_steps)):
+        is_sample = metrics.due(done, config.sample_every, total_steps)
+        if jax.process_index() == 0 and is_sample:
             writer.flush()
             save_pictures(config, workdir, state, done)
-    return state
+        if is_checkpoint and config.max_minutes and done < total_steps and parallel.agree(
+                time.monotonic() - start_time > 60 * config.max_minutes):
+            logging.info("Stopping after step %d of %d: --max_minutes=%g has passed; the same "
+                         "command continues from this checkpoint.", done, total_steps,
+                         config.max_minutes)
+            if jax.process_index() == 0 and not is_sample:
+                writer.flush()
+                save_pictures(config, workdir, state, done)
+            break
+    return state, done

@@ -31,7 +31,14 @@ flags.DEFINE_float("lr_decay", None, "Learning rate divided by this after every 
 flags.DEFINE_float("min_learning_rate", None, "Floor of the decayed learning rate.")
 flags.DEFINE_float("gp_weight", None, "Gradient-penalty weight (wasserstein_gp).")
 flags.DEFINE_enum("noise", None, list(train.NOISE), "Noise distribution of z.")
+flags.DEFINE_string("train_split", None,
+                    "Split to train on: 'train', or a slice such as 'test[:8000]' (MNIST offline).")
+flags.DEFINE_string("eval_split", None,
+                    "Real images of FID and the Parzen test set: 'test', or e.g. 'test[8000:]'.")
 flags.DEFINE_integer("num_epochs", None, "Epochs (ignored when --num_steps is given).")
+flags.DEFINE_float("max_minutes", None,
+                   "Stop at the first checkpoint after this many minutes (0: no limit); the same "
+                   "command continues the run.")
 flags.DEFINE_integer("sample_every", None, "Write a sample grid every this many steps.")
 flags.DEFINE_integer("num_samples", None, "Images in the sample grid.")
 flags.DEFINE_bool("evaluate_only", False,
@@ -47,6 +54,9 @@ flags.DEFINE_bool("eval_parzen", None, "Include the Parzen-window log-likelihood
 flags.DEFINE_string("classifier_dir", None,
                     "Cache of the FID classifiers (default ~/.cache/l2gl/classifiers).")
 flags.DEFINE_integer("classifier_epochs", None, "Training epochs of the FID classifier.")
+flags.DEFINE_integer("classifier_min_steps", None,
+                     "The FID classifier trains at least this many steps (3,000), whatever the "
+                     "epochs.")
 
 
 def main(argv):

@@ -52,6 +52,14 @@ def test_claim_workdir(tmp_path):
     checkpoints.claim_workdir(workdir, {"lr": 0.2, "num_steps": 20}, overwrite=True)
     assert not os.path.exists(os.path.join(workdir, "old_file"))
     assert json.load(open(os.path.join(workdir, "config.json")))["lr"] == 0.2
+    # A key added to the code after the run started counts as its default, and only as that.
+    checkpoints.claim_workdir(workdir, {"lr": 0.2, "num_steps": 20, "split": "train"},
+                              defaults={"split": "train"})
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"lr": 0.2, "num_steps": 20}, f)
+    with pytest.raises(checkpoints.WorkdirConflictError, match="split: 'train' -> 'test'"):
+        checkpoints.claim_workdir(workdir, {"lr": 0.2, "num_steps": 20, "split": "test"},
+                                  defaults={"split": "train"})
 
 
 def test_metric_writer_drops_rows_after_the_resumed_checkpoint(tmp_path):

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from common import data
 from tests.conftest import FASHION_MNIST_DIR, shared_data
@@ -40,6 +41,19 @@ def test_idx_files_round_trip(idx_dir):
     np.testing.assert_array_equal(train.labels, labels.astype(np.int32))
     test = data.load("kmnist", "test", str(directory))  # uncompressed files are read too
     np.testing.assert_array_equal(test.images[..., 0], images[:3])
+
+
+def test_split_slices_take_the_rows_of_their_split(idx_dir):
+    directory, images, labels = idx_dir
+    head = data.load("mnist", "train[:5]", str(directory))
+    tail = data.load("mnist", "train[5:]", str(directory))
+    np.testing.assert_array_equal(head.images[..., 0], images[:5])
+    np.testing.assert_array_equal(tail.labels, labels[5:].astype(np.int32))
+    assert (head.split, tail.split) == ("train[:5]", "train[5:]")
+    with pytest.raises(ValueError, match=r"Split 'test\[5:\]' of mnist is empty \(3 test"):
+        data.load("mnist", "test[5:]", str(directory))
+    with pytest.raises(ValueError, match="a slice of one such as 'test"):
+        data.load("mnist", "test[a:b]", str(directory))
 
 
 def test_a_truncated_file_is_reported_by_name(idx_dir):
@@ -98,8 +112,13 @@ def test_digits_are_sklearns_resized_with_a_fixed_split():
     from sklearn.datasets import load_digits
     train, test = data.load("digits", "train"), data.load("digits", "test")
     assert train.images.shape == (1497, 28, 28, 1) and test.images.shape == (300, 28, 28, 1)
-    assert np.array_equal(np.bincount(np.concatenate([train.labels, test.labels])),
-                          np.bincount(load_digits().target))
+    bunch = load_digits()
+    order = np.random.default_rng(0).permutation(len(bunch.target))  # the documented split
+    np.testing.assert_array_equal(test.labels, bunch.target[order[:300]])
+    np.testing.assert_array_equal(train.labels, bunch.target[order[300:]])
+    first = Image.fromarray((bunch.images[order[0]] * (255 / 16)).astype(np.uint8))
+    np.testing.assert_array_equal(test.images[0, ..., 0],
+                                  np.asarray(first.resize((28, 28), Image.BICUBIC)))
     assert train.images.max() > 200  # 16 on sklearn's scale maps to 255
     np.testing.assert_array_equal(data.load("digits", "test").labels, test.labels)
 

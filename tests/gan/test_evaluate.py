@@ -15,7 +15,9 @@ TINY_FLAGS = ["--model=mlp", "--dataset=digits", "--batch_size=32", "--loss=mini
               "--schedule=sequential", "--optimizer=sgd_momentum", "--learning_rate=0.1",
               "--log_every=1", "--sample_every=1000"]
 TINY_EVAL = ["--eval_num_samples=300", "--eval_num_real=200", "--eval_num_validation=100",
-             "--classifier_epochs=3"]
+             "--classifier_epochs=3", "--classifier_min_steps=0"]
+
+TINY_CLASSIFIER = classifier.ClassifierConfig(dataset="digits", epochs=3, min_steps=0)
 
 
 def _direct_parzen(samples, queries, sigma):
@@ -99,6 +101,18 @@ def test_inception_score_bounds_and_a_hand_computed_case():
     assert evaluate.inception_score(logits, splits=1)[0] == pytest.approx(expected, rel=1e-12)
 
 
+def test_random_shift_translates_each_image_and_fills_with_background():
+    images = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6, 1)
+    rng = np.random.default_rng(3)
+    dy, dx = np.random.default_rng(3).integers(0, 5, (2, 2))  # the draws random_shift makes
+    shifted = classifier.random_shift(images, 2, rng)
+    for i in range(2):
+        expected = np.full((9, 10, 1), -1.0, np.float32)
+        expected[2:7, 2:8] = images[i]
+        np.testing.assert_array_equal(shifted[i], expected[dy[i]:dy[i] + 5, dx[i]:dx[i] + 6])
+    assert classifier.random_shift(images, 0, rng) is images
+
+
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("classifiers"))
@@ -106,11 +120,9 @@ def classifier_dir(tmp_path_factory):
 
 def test_classifier_features_separate_real_from_noise(classifier_dir):
     from common import data
-    clf = classifier.load_or_train(classifier.ClassifierConfig(dataset="digits", epochs=3),
-                                   classifier_dir)
+    clf = classifier.load_or_train(TINY_CLASSIFIER, classifier_dir)
     assert clf.info["test_accuracy"] > 0.8 and "train split" in clf.info["trained_on"]
-    again = classifier.load_or_train(classifier.ClassifierConfig(dataset="digits", epochs=3),
-                                     classifier_dir)  # from the cache
+    again = classifier.load_or_train(TINY_CLASSIFIER, classifier_dir)  # from the cache
     assert again.info == json.loads(json.dumps(clf.info))
     train_images = data.to_float(data.load("digits", "train").images[:300])
     test_images = data.to_float(data.load("digits", "test").images)

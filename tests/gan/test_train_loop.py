@@ -91,6 +91,23 @@ def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
 
 
+def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path):
+    config = train.Config(model="mlp", dataset="digits", batch_size=32, optimizer="sgd_momentum",
+                          learning_rate=0.1, num_steps=6, checkpoint_every=2, log_every=1,
+                          sample_every=1000, max_minutes=1e-9)
+    train.train_and_evaluate(config, str(tmp_path / "limited"))
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path / "limited"))] == [1, 2]
+    assert _final_params(str(tmp_path / "limited"), config)[1] == 2
+    assert (tmp_path / "limited" / "samples.png").exists()  # the pictures of where it stopped
+    continued = train.train_and_evaluate(dataclasses.replace(config, max_minutes=0.0),
+                                         str(tmp_path / "limited"))  # resumes: tested elsewhere
+    assert int(continued.step) == 6
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path / "limited"))] == list(
+        range(1, 7))
+    with pytest.raises(ValueError, match="max_minutes must be >= 0"):
+        dataclasses.replace(config, max_minutes=-1.0).validate()
+
+
 def test_a_workdir_of_another_configuration_is_refused(tmp_path):
     started = train.Config(model="mlp", dataset="digits", batch_size=32, loss="minimax",
                            schedule="sequential", optimizer="sgd_momentum", learning_rate=0.1,

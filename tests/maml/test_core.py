@@ -153,12 +153,14 @@ def test_vmapped_meta_batch_equals_python_loop():
 def test_every_task_batching_and_conv_impl_gives_the_same_meta_gradient():
     images = np.random.default_rng(0).integers(0, 256, (8, 4, 28, 28), np.uint8)
     batch = tasks.episodes(images, 0, 0, num_tasks=2, ways=3, shots=1, queries=2)
-    fast, slow = models.init_split(models.Conv4(3, filters=4), jax.random.PRNGKey(1),
+    # Two blocks keep the four compilations short; each has a stride-2 conv and batch norm.
+    fast, slow = models.init_split(models.Conv4(3, filters=4, blocks=2), jax.random.PRNGKey(1),
                                    jnp.zeros((1, 28, 28, 1)))
     results = {}
     for impl, strategy in (("xla", "unrolled"), ("xla", "vmap"), ("xla", "map"),
                            ("patches", "vmap")):
-        learner = tasks.classification_learner(models.Conv4(3, filters=4, conv_impl=impl))
+        learner = tasks.classification_learner(
+            models.Conv4(3, filters=4, blocks=2, conv_impl=impl))
         config = core.MetaConfig(inner_steps=1, inner_lr=0.4, task_batching=strategy)
         results[impl, strategy] = jax.jit(
             lambda mp, b, learner=learner, config=config: core.meta_gradient(
