@@ -194,13 +194,9 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
     or a slice of one ('test[:8000]': MNIST's test digits as a small training set offline)."""
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-    base, rows = parse_split(split)
+    base, _ = parse_split(split)
     if base != split:
-        whole = load(name, base, data_dir, tfds_download)
-        if not len(whole.labels[rows]):
-            raise ValueError(f"Split {split!r} of {name} is empty ({len(whole)} {base} images).")
-        return dataclasses.replace(whole, images=whole.images[rows], labels=whole.labels[rows],
-                                   split=split)
+        return select(load(name, base, data_dir, tfds_download), split)
     if name == "digits":
         return load_digits(split)
 
@@ -225,6 +221,18 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
         remedy += ", or `apt-get install dataset-fashion-mnist`"
     raise DataNotFoundError(f"Dataset {name!r} ({split}) not found. Looked in:\n  - "
                             + "\n  - ".join(looked) + f"\n{remedy}.")
+
+
+def select(dataset: Dataset, split: str) -> Dataset:
+    """The rows of `dataset` (a whole split) that the slice `split` ('test[:8000]') names."""
+    base, rows = parse_split(split)
+    if base != dataset.split:
+        raise ValueError(f"Split {split!r} is not a slice of the {dataset.split!r} split.")
+    if not len(dataset.labels[rows]):
+        raise ValueError(f"Split {split!r} of {dataset.name} is empty ({len(dataset)} {base} "
+                         "images).")
+    return dataclasses.replace(dataset, images=dataset.images[rows],
+                               labels=dataset.labels[rows], split=split)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

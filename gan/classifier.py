@@ -97,7 +97,7 @@ def _splits(config: ClassifierConfig) -> tuple[data.Dataset, data.Dataset, str, 
         return train, test, f"{config.dataset} train split ({train.source})", \
             f"{config.dataset} test split ({len(test)} images)"
     except data.DataNotFoundError:
-        head, tail = (data.load(config.dataset, split, config.data_dir)
+        head, tail = (data.select(test, split)
                       for split in (f"test[:{TEST_ONLY_TRAIN}]", f"test[{TEST_ONLY_TRAIN}:]"))
         return (head, tail,
                 f"{config.dataset} test images 0-{TEST_ONLY_TRAIN - 1} (no training split found)",

@@ -401,17 +401,15 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             pending.checkpointed(done)
-        is_sample = metrics.due(done, config.sample_every, total_steps)
-        if jax.process_index() == 0 and is_sample:
+        out_of_time = (is_checkpoint and config.max_minutes and done < total_steps
+                       and parallel.agree(time.monotonic() - start_time > 60 * config.max_minutes))
+        if jax.process_index() == 0 and (out_of_time
+                                         or metrics.due(done, config.sample_every, total_steps)):
             writer.flush()
-            save_pictures(config, workdir, state, done)
-        if is_checkpoint and config.max_minutes and done < total_steps and parallel.agree(
-                time.monotonic() - start_time > 60 * config.max_minutes):
+            save_pictures(config, workdir, state, done)  # also the pictures of where it stops
+        if out_of_time:
             logging.info("Stopping after step %d of %d: --max_minutes=%g has passed; the same "
                          "command continues from this checkpoint.", done, total_steps,
                          config.max_minutes)
-            if jax.process_index() == 0 and not is_sample:
-                writer.flush()
-                save_pictures(config, workdir, state, done)
             break
     return state, done
