@@ -19,15 +19,12 @@ in a subprocess in the other environment.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 if __name__ == "__main__":
@@ -37,6 +34,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import xla_profile  # noqa: E402
 from gan import cpu_settings  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 256, "Batch size of both steps.")
@@ -226,44 +224,11 @@ def step_flops(batch_size: int) -> float:
 
 
 def op_profile(batch_size: int, steps: int = 3, top: int = 15) -> list[dict]:
-    """Time per XLA op of our step from a JAX profiler trace (xplane), summed over `steps`."""
-    import jax
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    """Time per XLA op of our step from a JAX profiler trace, averaged over `steps`."""
     batches = real_batches(batch_size, steps)
     ours, compiled = our_step(batch_size)
-    compiled_text = compiled.as_text()
     time_ours(ours, batches[:2])
-    with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir):
-            time_ours(ours, batches)
-        path = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0]
-        space = xplane_pb2.XSpace()
-        with open(path, "rb") as f:
-            space.ParseFromString(f.read())
-    ops = hlo_ops(compiled_text)
-    totals: dict[str, float] = {}
-    for plane in space.planes:
-        names = {k: v.name for k, v in plane.event_metadata.items()}
-        for line in plane.lines:
-            for event in line.events:
-                name = names.get(event.metadata_id, "")
-                if name in ops:
-                    totals[name] = totals.get(name, 0.0) + event.duration_ps * 1e-9 / steps
-    step_ms = sum(totals.values())
-    return [{"op": name, "ms_per_step": ms, "fraction": ms / step_ms, **ops[name]}
-            for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
-
-
-def hlo_ops(hlo_text: str) -> dict[str, dict]:
-    """{instruction name: {shape, source op}} of the compiled module's instructions."""
-    ops = {}
-    for match in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", hlo_text,
-                             re.MULTILINE):
-        name, shape, opcode, rest = match.groups()
-        source = re.search(r'op_name="([^"]*)"', rest)
-        ops[name] = {"hlo": opcode, "shape": shape[:60],
-                     "source": source.group(1).split("/")[-1][:40] if source else ""}
-    return ops
+    return xla_profile.op_profile(lambda: time_ours(ours, batches), compiled.as_text(), steps, top)
 
 
 def peak_rss_of_this_process_mib() -> float:

@@ -21,9 +21,15 @@ flags.DEFINE_integer("horizon", None, "Optimizer steps per task during meta-trai
 flags.DEFINE_integer("unroll_length", None, "Steps per truncated unroll (K); T % K == 0.")
 flags.DEFINE_integer("meta_batch_size", None, "Tasks per meta-step (over all devices).")
 flags.DEFINE_float("meta_learning_rate", None, "Adam learning rate of the meta-optimizer.")
+flags.DEFINE_enum("meta_lr_schedule", None, list(meta_train.META_LR_SCHEDULES),
+                  "Meta learning rate: constant, or cosine decay to 0 over --num_steps.")
 flags.DEFINE_float("meta_clip_norm", None, "Global-norm clip of the meta-gradient.")
 flags.DEFINE_bool("second_order", None, "Keep second derivatives of f in the meta-gradient.")
-flags.DEFINE_enum("estimator", None, list(meta_train.ESTIMATORS), "Meta-gradient estimator.")
+flags.DEFINE_enum("estimator", None, list(meta_train.ESTIMATORS),
+                  "Meta-gradient estimator: tbptt (truncated backpropagation, the paper) or pes "
+                  "(Persistent Evolution Strategies, unbiased under truncation).")
+flags.DEFINE_float("pes_sigma", None, "PES: standard deviation of the perturbations of the "
+                   "meta-parameters.")
 flags.DEFINE_integer("eval_seed", None, "Seed of the validation and test tasks.")
 flags.DEFINE_integer("validate_every", None, "Score the optimizer on validation tasks every N steps.")
 flags.DEFINE_integer("num_validation_tasks", None, "Validation tasks (model and LR selection).")

@@ -13,6 +13,18 @@ clipping the meta-gradient's global norm. After T / K unrolls the meta-batch is 
 tasks. By default ∇f(θ_t) enters the optimizer as a constant (no second derivatives of f, the
 paper's choice); `second_order=True` keeps them.
 
+`estimator="pes"` replaces truncated backpropagation by Persistent Evolution Strategies (Vicol,
+Metz, Sohl-Dickstein, 2021), which is unbiased under truncation: the meta-batch is P = B/2
+antithetic pairs of particles, each pair on one task. Every unroll k draws ε_i ~ N(0, σ² I) per
+pair, runs particle i⁺ with φ + ε_i and i⁻ with φ − ε_i (forward only, no backpropagation), adds ε_i
+to the pair's accumulated perturbation ξ_i = Σ_{unrolls j ≤ k of this task} ε_i^(j), and estimates
+
+    ĝ = 1 / (2 P σ²) Σ_i ξ_i (L_k(i⁺) − L_k(i⁻)),
+
+L_k the mean loss of the unroll's K steps. Because ξ carries the perturbations of the earlier
+unrolls of the same trajectory, E[ĝ] is the gradient of the Gaussian-smoothed L_k with respect to
+φ through the whole trajectory so far -- the dependence truncated BPTT drops (tested).
+
 Model selection: every `validate_every` steps the current φ is scored by the mean loss at step T
 on fixed validation tasks (never the evaluation tasks), and the best φ is kept. At the end the best
 φ is written to `meta_params.npz` and evaluated against tuned baselines (`evaluate.py`).
@@ -35,7 +47,8 @@ from common import checkpoints, metrics, parallel
 from common.config import check_positive
 from learned_optimizers import lstm, tasks
 
-ESTIMATORS = ("tbptt",)
+ESTIMATORS = ("tbptt", "pes")
+META_LR_SCHEDULES = ("constant", "cosine")
 META_PARAMS_FILE = "meta_params.npz"
 
 
@@ -55,9 +68,11 @@ class Config:
     unroll_length: int = 20  # K
     meta_batch_size: int = 32
     meta_learning_rate: float = 1e-3
+    meta_lr_schedule: str = "constant"  # or "cosine": decayed to 0 over num_steps
     meta_clip_norm: float = 1.0
     second_order: bool = False
-    estimator: str = "tbptt"
+    estimator: str = "tbptt"  # or "pes"
+    pes_sigma: float = 0.01  # PES: standard deviation of the perturbations of φ
     num_steps: int = 1000  # meta-steps, one unroll each
     seed: int = 0
     eval_seed: int = 0  # validation and evaluation tasks; fixed across meta-training seeds
@@ -72,7 +87,8 @@ class Config:
 
     def validate(self) -> None:
         choices = {"task": tasks.FAMILIES, "preprocessing": lstm.PREPROCESSING,
-                   "estimator": ESTIMATORS, "data_split": tasks.DATA_SPLITS}
+                   "estimator": ESTIMATORS, "data_split": tasks.DATA_SPLITS,
+                   "meta_lr_schedule": META_LR_SCHEDULES}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"Unknown {field} {getattr(self, field)!r}; "
@@ -83,6 +99,11 @@ class Config:
         if self.horizon % self.unroll_length:
             raise ValueError(f"horizon {self.horizon} is not a multiple of unroll_length "
                              f"{self.unroll_length}.")
+        if self.estimator == "pes" and self.meta_batch_size % 2:
+            raise ValueError(f"PES needs an even meta_batch_size (antithetic pairs), got "
+                             f"{self.meta_batch_size}.")
+        if not self.pes_sigma > 0:
+            raise ValueError(f"pes_sigma must be > 0, got {self.pes_sigma}.")
         check_positive(self, ("horizon", "unroll_length", "meta_batch_size", "num_steps",
                               "log_every", "checkpoint_every", "validate_every",
                               "num_validation_tasks", "num_test_tasks", "hidden_size", "num_layers",
@@ -102,6 +123,7 @@ class MetaState:
     trajectories: tasks.Trajectory  # the meta-batch, leading axis = tasks
     best_meta_params: Any
     best_validation_loss: jax.Array
+    perturbation_sums: Any = None  # PES: ξ per antithetic pair (leading axis = pairs)
 
 
 def make_family(config: Config, split: str, name: str | None = None) -> tasks.TaskFamily:
@@ -128,27 +150,39 @@ def make_optimizer(config: Config, meta_params) -> optax.GradientTransformation:
 
 
 def meta_optimizer(config: Config) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(config.meta_clip_norm),
-                       optax.adam(config.meta_learning_rate))
+    """Adam after clipping the meta-gradient's global norm; the learning rate constant or
+    decayed along a cosine to 0 at `num_steps`."""
+    rate = config.meta_learning_rate
+    if config.meta_lr_schedule == "cosine":
+        rate = optax.cosine_decay_schedule(rate, config.num_steps)
+    return optax.chain(optax.clip_by_global_norm(config.meta_clip_norm), optax.adam(rate))
 
 
 def fresh_trajectories(config: Config, family: tasks.TaskFamily, key: jax.Array) -> tasks.Trajectory:
-    """A meta-batch of new tasks at θ₀ with zero LSTM states (leading axis = tasks)."""
+    """A meta-batch of new tasks at θ₀ with zero LSTM states (leading axis = tasks). PES: the
+    first and second halves are the same tasks (particle i and i + B/2 are an antithetic pair)."""
     meta_params = jax.eval_shape(lambda: lstm.init_meta_params(
         jax.random.PRNGKey(0), config.preprocessing, config.hidden_size, config.num_layers))
     tx = make_optimizer(config, meta_params)  # init() reads only shapes
-    return jax.vmap(lambda k: tasks.start(tx, family, k))(
-        jax.random.split(key, config.meta_batch_size))
+    pes = config.estimator == "pes"
+    keys = jax.random.split(key, config.meta_batch_size // 2 if pes else config.meta_batch_size)
+    trajectories = jax.vmap(lambda k: tasks.start(tx, family, k))(keys)
+    return jax.tree.map(lambda x: jnp.concatenate([x, x]), trajectories) if pes else trajectories
 
 
 def create_meta_state(config: Config, family: tasks.TaskFamily, key: jax.Array) -> MetaState:
     meta_params = lstm.init_meta_params(key, config.preprocessing, config.hidden_size,
                                         config.num_layers)
     trajectories = fresh_trajectories(config, family, root_keys(config.seed)[1])
+    sums = None
+    if config.estimator == "pes":
+        sums = jax.tree.map(lambda p: jnp.zeros((config.meta_batch_size // 2,) + p.shape, p.dtype),
+                            meta_params)
     return MetaState(step=jnp.zeros((), jnp.int32), meta_params=meta_params,
                      meta_opt_state=meta_optimizer(config).init(meta_params),
                      trajectories=trajectories, best_meta_params=meta_params,
-                     best_validation_loss=jnp.array(jnp.inf, jnp.float32))
+                     best_validation_loss=jnp.array(jnp.inf, jnp.float32),
+                     perturbation_sums=sums)
 
 
 def truncated_meta_loss(config: Config, family: tasks.TaskFamily, meta_params,
@@ -165,10 +199,38 @@ def truncated_meta_loss(config: Config, family: tasks.TaskFamily, meta_params,
     return jnp.mean(losses), trajectories
 
 
+def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajectories,
+                 perturbation_sums, first_step, data, key: jax.Array):
+    """One PES unroll (module docstring): (ĝ, mean loss, trajectories, ξ).
+
+    `trajectories` hold the P⁺ particles then the P⁻ particles; `perturbation_sums` is ξ before
+    this unroll (zeros for fresh tasks)."""
+    pairs = config.meta_batch_size // 2
+    leaves, treedef = jax.tree.flatten(meta_params)
+    keys = jax.random.split(key, len(leaves))
+    eps = treedef.unflatten([config.pes_sigma * jax.random.normal(k, (pairs,) + x.shape, x.dtype)
+                             for k, x in zip(keys, leaves)])
+    sums = jax.tree.map(jnp.add, perturbation_sums, eps)
+    particles = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), meta_params, eps)
+
+    def one(phi, traj):
+        traj, losses = tasks.unroll(make_optimizer(config, phi), family, traj,
+                                    config.unroll_length, first_step, data)
+        return jnp.mean(losses), traj
+
+    losses, trajectories = jax.vmap(one)(particles, trajectories)
+    difference = losses[:pairs] - losses[pairs:]
+    grads = jax.tree.map(
+        lambda xi: jnp.tensordot(difference, xi, 1) / (2 * pairs * config.pes_sigma ** 2), sums)
+    return grads, jnp.mean(losses), trajectories, sums
+
+
 def make_meta_step(config: Config, family: tasks.TaskFamily) -> Callable:
-    """Returns `meta_step(state, data) -> (state, metrics)`: one truncated unroll and φ update."""
+    """Returns `meta_step(state, data) -> (state, metrics)`: one unroll and φ update, the
+    meta-gradient by truncated BPTT or by PES (`config.estimator`)."""
     num_unrolls = config.horizon // config.unroll_length
-    train_key = root_keys(config.seed)[1]
+    init_key, train_key = root_keys(config.seed)
+    perturbation_key = jax.random.fold_in(init_key, 1)  # PES: ε of meta-step s from fold_in(., s)
     meta_tx = meta_optimizer(config)
 
     def meta_step(state: MetaState, data):
@@ -177,14 +239,24 @@ def make_meta_step(config: Config, family: tasks.TaskFamily) -> Callable:
                                    jax.random.fold_in(train_key, state.step // num_unrolls))
         trajectories = jax.tree.map(lambda new, old: jnp.where(position == 0, new, old),
                                     fresh, state.trajectories)
-        loss_fn = lambda phi: truncated_meta_loss(  # noqa: E731
-            config, family, phi, trajectories, position * config.unroll_length, data)
-        (loss, trajectories), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.meta_params)
+        first_step = position * config.unroll_length
+        sums = state.perturbation_sums
+        if config.estimator == "pes":
+            sums = jax.tree.map(lambda s: jnp.where(position == 0, 0.0, s), sums)
+            grads, loss, trajectories, sums = pes_gradient(
+                config, family, state.meta_params, trajectories, sums, first_step, data,
+                jax.random.fold_in(perturbation_key, state.step))
+        else:
+            loss_fn = lambda phi: truncated_meta_loss(  # noqa: E731
+                config, family, phi, trajectories, first_step, data)
+            (loss, trajectories), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.meta_params)
         updates, meta_opt_state = meta_tx.update(grads, state.meta_opt_state, state.meta_params)
         state = state.replace(step=state.step + 1,
                               meta_params=optax.apply_updates(state.meta_params, updates),
                               meta_opt_state=meta_opt_state,
-                              trajectories=jax.lax.stop_gradient(trajectories))
+                              trajectories=jax.lax.stop_gradient(trajectories),
+                              perturbation_sums=sums)
         return state, {"meta_loss": loss, "meta_grad_norm": optax.tree.norm(grads)}
 
     return meta_step
