@@ -13,8 +13,10 @@ PyTorch runs in a child process with its own OpenMP setting (`--torch_omp_wait_p
 ACTIVE: its worker threads spin between parallel regions, its fastest setting on an idle machine
 -- measured 0.73 s vs 0.83 s with libgomp's default and 1.17 s with PASSIVE, 5-way 1-shot second
 order). Spinning threads would take the cores from our step if they shared its process, so the
-child is stopped (SIGSTOP) while ours is timed and continued (SIGCONT) for its own turn. Writes
-benchmarks/results/maml.json.
+child is stopped (SIGSTOP) while ours is timed and continued (SIGCONT) for its own turn. Measure
+on an idle machine: with another job on the same 2 cores, ACTIVE's spinning threads collapse
+(5.9-15.2 s per step measured, against 0.94 s idle); on a shared machine pass
+`--torch_omp_wait_policy=PASSIVE`. Writes benchmarks/results/maml.json.
 """
 
 from __future__ import annotations
@@ -98,11 +100,10 @@ def torch_worker(conn, omp_wait_policy: str, ways, inner_steps, inner_lr, first_
     ("profile",) -> top ops of one step, None -> exit."""
     if omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = omp_wait_policy  # read when libgomp loads, with torch
-    import torch
     step = torch_maml(ways, inner_steps, inner_lr, first_order)
     arrays = to_torch(batch)
     step(*arrays)  # warm-up
-    conn.send(torch.__version__)
+    conn.send("ready")
     while (command := conn.recv()) is not None:
         if command[0] == "time":
             t = time.perf_counter()
@@ -121,7 +122,7 @@ class TorchReference:
         self.process = multiprocessing.get_context("spawn").Process(
             target=torch_worker, args=(child, omp_wait_policy, *args), daemon=True)
         self.process.start()
-        self.version = self.conn.recv()
+        self.conn.recv()  # warmed up
         os.kill(self.process.pid, signal.SIGSTOP)
 
     def ask(self, *command):
@@ -282,6 +283,10 @@ def main():
         for key in ("peak_memory_bytes_vs_inner_steps", "peak_memory_note"):
             if key in kept:
                 results[key] = kept[key]
+        if not args.settings:  # no speed row measured: keep the conditions the kept rows had
+            for key in ("machine", "versions", "flags", "matmul_peak_flops_per_s"):
+                if key in kept:
+                    results[key] = kept[key]
     print(f"matmul peak (1024^2, jax, this invocation): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'setting':22s} {'ours s/step':>12s} {'torch s/step':>12s} {'ratio':>7s} "
           f"{'GFLOP/s':>8s}")
