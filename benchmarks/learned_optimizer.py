@@ -1,11 +1,11 @@
 """Benchmark of the LSTM optimizer: final losses vs. tuned baselines over meta-training seeds, and
 meta-training speed and memory as a function of the unroll length.
 
-    python -m benchmarks.learned_optimizer --configs=lstm_quadratic,lstm_mlp_digits --seeds=0,1,2
+    python -m benchmarks.learned_optimizer --seeds=0,1,2
 
 For each config (a launch/configs/*.flags file) and seed, meta-trains in <root>/<config>/seed<k>
-(resuming if already there) and evaluates; the table gives, per task family and horizon, each
-optimizer's mean final loss over test tasks (mean ± sd over seeds), the LSTM's ratio to the
+(resuming if already there) and evaluates; the table gives, per config, task family and horizon,
+each optimizer's mean final loss over test tasks (mean ± sd over seeds), the LSTM's ratio to the
 best-tuned Adam and its rank among the five. Speed: meta-steps/s and the compiled step's
 temporary memory for several unroll lengths, with plain Adam task-steps/s on the same tasks
 timed in the same invocation as the baseline of the ratio.
@@ -25,11 +25,11 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from launch import flags as launch_flags
-from launch import learned_optimizer as launcher  # noqa: F401  (defines the method's flags)
+from launch import learned_optimizer as launcher
 from learned_optimizers import evaluate, meta_train, tasks
 
-flags.DEFINE_list("configs", ["lstm_quadratic", "lstm_mlp_digits"], "Config files to run.")
+flags.DEFINE_list("configs", ["lstm_quadratic", "lstm_quadratic_second_order", "lstm_mlp_digits"],
+                  "Config files to run.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Meta-training seeds.")
 flags.DEFINE_string("root", "/tmp/learned_optimizer_benchmark", "Where the runs' workdirs go.")
 flags.DEFINE_list("unroll_lengths", ["5", "10", "20", "40"], "Unroll lengths of the speed table.")
@@ -50,7 +50,7 @@ def config_from_file(name: str, **overrides) -> meta_train.Config:
     FLAGS.unparse_flags()
     FLAGS([sys.argv[0], f"--flagfile={os.path.join(CONFIG_DIR, name + '.flags')}",
            "--workdir=unused"])
-    return dataclasses.replace(launch_flags.config_from_flags(meta_train.Config), **overrides)
+    return dataclasses.replace(launcher.make_config(), **overrides)
 
 
 def mean_sd(values) -> dict[str, float]:
@@ -76,7 +76,7 @@ def quality(config_names, seeds, root: str) -> dict:
         for family in runs[0]["families"]:
             per_seed = [r["families"][family] for r in runs]
             for h in per_seed[0]["comparison"]:
-                out[f"{family}/{h}"] = {
+                out[f"{name}/{family}/{h}"] = {
                     "config": name, "family": family, "horizon": int(h), "seeds": list(seeds),
                     "mean_final_loss": {opt: mean_sd([r["stats"][opt][h]["mean"] for r in per_seed])
                                         for opt in per_seed[0]["stats"]},
@@ -128,16 +128,16 @@ def speed(name: str, unroll_lengths, steps: int, estimators=meta_train.ESTIMATOR
 
 
 def print_table(results: dict) -> None:
-    print("\n| family | horizon | " + " | ".join(["lstm", "sgd", "nag", "rmsprop", "adam"])
+    print("\n| config | family | horizon | " + " | ".join(["lstm", "sgd", "nag", "rmsprop", "adam"])
           + " | LSTM/Adam | LSTM rank | seeds |")
-    print("|---" * 10 + "|")
+    print("|---" * 11 + "|")
     for row in results.values():
         losses = " | ".join(f"{row['mean_final_loss'][o]['mean']:.3g}"
                             + (f" ± {row['mean_final_loss'][o]['sd']:.2g}" if o == "lstm" else "")
                             for o in ("lstm", "sgd", "nag", "rmsprop", "adam"))
         ratio, rank = row["ratio_lstm_to_adam"], row["lstm_rank"]
-        print(f"| {row['family']} | {row['horizon']} | {losses} | {ratio['mean']:.3f} ± "
-              f"{ratio['sd']:.3f} | {rank['mean']:.1f} | {ratio['n']} |")
+        print(f"| {row['config']} | {row['family']} | {row['horizon']} | {losses} | "
+              f"{ratio['mean']:.3f} ± {ratio['sd']:.3f} | {rank['mean']:.1f} | {ratio['n']} |")
 
 
 def main(argv):
@@ -152,8 +152,9 @@ def main(argv):
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:
             previous = json.load(f)
-    results = {**{k: v for k, v in previous.get("quality", {}).items()
-                  if v["config"] not in configs}, **results}
+    results = {**{f"{v['config']}/{v['family']}/{v['horizon']}": v
+                  for v in previous.get("quality", {}).values() if v["config"] not in configs},
+               **results}
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpu_count": os.cpu_count(), "devices": str(jax.devices())},
               "versions": {"python": platform.python_version(), "jax": jax.__version__,

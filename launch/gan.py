@@ -59,9 +59,14 @@ flags.DEFINE_integer("classifier_min_steps", None,
                      "epochs.")
 
 
+def make_config() -> train.Config:
+    """The run's config from the parsed flags."""
+    return launch_flags.config_from_flags(train.Config)
+
+
 def main(argv):
     del argv
-    config = launch_flags.config_from_flags(train.Config)
+    config = make_config()
     if launch_flags.FLAGS.evaluate_only:  # no setup(): it would overwrite the run's flags.txt
         try:
             result = evaluate.evaluate_workdir(launch_flags.FLAGS.workdir,

@@ -39,11 +39,16 @@ flags.DEFINE_list("transfer_tasks", None, "Other task families to evaluate the o
 flags.DEFINE_bool("evaluate", None, "Evaluate against tuned baselines after meta-training.")
 
 
+def make_config() -> meta_train.Config:
+    """The run's config from the parsed flags."""
+    return launch_flags.config_from_flags(meta_train.Config)
+
+
 def main(argv):
     del argv
     launch_flags.setup()
-    config = launch_flags.config_from_flags(meta_train.Config)
-    meta_train.train_and_evaluate(config, launch_flags.FLAGS.workdir, launch_flags.FLAGS.overwrite)
+    meta_train.train_and_evaluate(make_config(), launch_flags.FLAGS.workdir,
+                                  launch_flags.FLAGS.overwrite)
 
 
 if __name__ == "__main__":

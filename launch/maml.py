@@ -39,13 +39,19 @@ flags.DEFINE_string("cache_dir", None, "Where the decoded Omniglot array is cach
 flags.DEFINE_bool("evaluate", None, "Evaluate on held-out tasks after meta-training.")
 
 
-def main(argv):
-    del argv
-    launch_flags.setup()
+def make_config() -> train.Config:
+    """The run's config from the parsed flags."""
     config = launch_flags.config_from_flags(train.Config)
     if config.test_shots:
         config = dataclasses.replace(config, test_shots=tuple(int(k) for k in config.test_shots))
-    train.train_and_evaluate(config, launch_flags.FLAGS.workdir, launch_flags.FLAGS.overwrite)
+    return config
+
+
+def main(argv):
+    del argv
+    launch_flags.setup()
+    train.train_and_evaluate(make_config(), launch_flags.FLAGS.workdir,
+                             launch_flags.FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,16 @@ flags.DEFINE_integer("final_num_steps", None, "CNN space: training steps of the 
                      "of the best architecture (test accuracy).")
 
 
+def make_config() -> search.Config:
+    """The run's config from the parsed flags."""
+    return launch_flags.config_from_flags(search.Config)
+
+
 def main(argv):
     del argv
     launch_flags.setup()
-    config = launch_flags.config_from_flags(search.Config)
-    search.train_and_evaluate(config, launch_flags.FLAGS.workdir, launch_flags.FLAGS.overwrite)
+    search.train_and_evaluate(make_config(), launch_flags.FLAGS.workdir,
+                              launch_flags.FLAGS.overwrite)
 
 
 if __name__ == "__main__":
