@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from launch import flags as launch_flags
 from launch import learned_optimizer as launcher
 from learned_optimizers import evaluate, meta_train, tasks
 
@@ -47,9 +47,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def config_from_file(name: str, **overrides) -> meta_train.Config:
     """The Config a `--flagfile=launch/configs/<name>.flags` launch would build (this re-parses,
     so resets, every flag: read the benchmark's own flags before calling it)."""
-    FLAGS.unparse_flags()
-    FLAGS([sys.argv[0], f"--flagfile={os.path.join(CONFIG_DIR, name + '.flags')}",
-           "--workdir=unused"])
+    launch_flags.parse_flagfile(os.path.join(CONFIG_DIR, name + ".flags"))
     return dataclasses.replace(launcher.make_config(), **overrides)
 
 

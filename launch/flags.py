@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import jax
 from absl import flags, logging
@@ -34,6 +35,13 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_integer("distributed_timeout", 60,
                      "Seconds to wait for all processes to join before failing.")
 flags.mark_flag_as_required("workdir")
+
+
+def parse_flagfile(path: str) -> None:
+    """Parses the flags as `--flagfile=<path>` alone would set them (every other flag reset; the
+    required --workdir a placeholder): how benchmarks and tests read a committed config."""
+    FLAGS.unparse_flags()
+    FLAGS([sys.argv[0] if sys.argv else "launch", f"--flagfile={path}", "--workdir=unused"])
 
 
 def config_from_flags(config_cls):

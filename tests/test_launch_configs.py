@@ -16,11 +16,10 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "launch", "configs", "*.flags
 # validates the method's config; prints one line per file.
 PARSE_ALL = """
 import importlib, sys
-from absl import flags
+from launch import flags as launch_flags
 launcher = importlib.import_module("launch." + sys.argv[1])
 for path in sys.argv[2:]:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS([sys.argv[0], "--flagfile=" + path, "--workdir=unused"])
+    launch_flags.parse_flagfile(path)
     launcher.make_config().validate()
     print("valid", path)
 """
