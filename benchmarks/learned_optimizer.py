@@ -57,6 +57,11 @@ def mean_sd(values) -> dict[str, float]:
             else 0.0, "n": int(len(values))}
 
 
+def row_key(row: dict) -> str:
+    """A quality row's key in the result file: <config>/<family>/<horizon>."""
+    return f"{row['config']}/{row['family']}/{row['horizon']}"
+
+
 def quality(config_names, seeds, root: str) -> dict:
     out = {}
     for name in config_names:
@@ -74,7 +79,7 @@ def quality(config_names, seeds, root: str) -> dict:
         for family in runs[0]["families"]:
             per_seed = [r["families"][family] for r in runs]
             for h in per_seed[0]["comparison"]:
-                out[f"{name}/{family}/{h}"] = {
+                row = {
                     "config": name, "family": family, "horizon": int(h), "seeds": list(seeds),
                     "mean_final_loss": {opt: mean_sd([r["stats"][opt][h]["mean"] for r in per_seed])
                                         for opt in per_seed[0]["stats"]},
@@ -82,6 +87,7 @@ def quality(config_names, seeds, root: str) -> dict:
                                                    for r in per_seed]),
                     "lstm_rank": mean_sd([r["comparison"][h]["rank"]["lstm"] for r in per_seed]),
                     "learning_rates": per_seed[0]["learning_rates"]}
+                out[row_key(row)] = row
     return out
 
 
@@ -150,9 +156,8 @@ def main(argv):
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:
             previous = json.load(f)
-    results = {**{f"{v['config']}/{v['family']}/{v['horizon']}": v
-                  for v in previous.get("quality", {}).values() if v["config"] not in configs},
-               **results}
+    results = {**{row_key(row): row for row in previous.get("quality", {}).values()
+                  if row["config"] not in configs}, **results}
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpu_count": os.cpu_count(), "devices": str(jax.devices())},
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
