@@ -22,7 +22,12 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install $(PIP_QUIET) -e '.[bench]' 2>&1 | grep -v "^WARNING: Location" || true
-	@echo "Benchmarks: see benchmarks/README.md"
+	@echo "Baselines installed. Each benchmark is a script, run as python -m benchmarks.<name>;"
+	@echo "benchmarks/README.md has one section per script, with its command, machine and results."
+
+lint: $(VENV)/.installed
+	$(PY) -m pip install $(PIP_QUIET) -e '.[lint]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs .pytest_cache

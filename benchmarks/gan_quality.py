@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 if __name__ == "__main__":  # the launcher's CPU settings (gan/cpu_settings.py), before JAX starts
@@ -62,10 +63,12 @@ def validation_on_real_data(dataset: str, eval_config: evaluate.EvalConfig) -> d
     clf = classifier_lib.load_or_train(classifier_lib.ClassifierConfig(
         dataset=dataset, data_dir=FLAGS.data_dir, epochs=eval_config.classifier_epochs,
         min_steps=eval_config.classifier_min_steps), eval_config.classifier_dir)
-    test, validation = evaluate.reference_images(dataset, FLAGS.data_dir, eval_config)
+    seed = train.Config().seed  # the runs' seed, which draws the Parzen validation images
+    test, validation = evaluate.reference_images(dataset, FLAGS.data_dir, eval_config,
+                                                 FLAGS.train_split, FLAGS.eval_split, seed)
     train_images = data.load(dataset, FLAGS.train_split, FLAGS.data_dir).images
     pick = np.random.default_rng(1).permutation(len(train_images))
-    held_out = set(np.random.default_rng(eval_config.seed).permutation(len(train_images))[
+    held_out = set(np.random.default_rng(seed).permutation(len(train_images))[
         :eval_config.num_validation].tolist())
     pick = np.array([i for i in pick if i not in held_out])[:eval_config.num_samples]
     real = train_images[pick].astype(np.float32) / 255.0
@@ -86,8 +89,8 @@ def dcgan_per_epoch(workdir: str, epochs: int, eval_config: evaluate.EvalConfig)
                           loss="non_saturating", schedule="simultaneous", optimizer="adam",
                           learning_rate=1e-4, batch_size=256, num_epochs=epochs, log_every=50,
                           max_minutes=FLAGS.dcgan_minutes, checkpoint_every=every,
-                          sample_every=every, eval_every=every,
-                          eval_num_samples=eval_config.num_samples, eval_parzen=True)
+                          sample_every=every,
+                          eval=dataclasses.replace(eval_config, every=every, parzen=True))
     start = time.time()
     train.train_and_evaluate(config, workdir)
     rows = [r for r in metrics.read_metrics(workdir) if "eval_fid" in r]
@@ -116,8 +119,7 @@ def main(argv):
     del argv
     results_dir = os.path.dirname(os.path.abspath(FLAGS.output))
     stem = os.path.splitext(os.path.basename(FLAGS.output))[0]  # of the PNGs written next to it
-    eval_config = evaluate.EvalConfig(num_samples=FLAGS.eval_num_samples,
-                                      train_split=FLAGS.train_split, test_split=FLAGS.eval_split)
+    eval_config = evaluate.EvalConfig(num_samples=FLAGS.eval_num_samples)
     result = {"dataset": FLAGS.dataset, "load_start": os.getloadavg(),
               "flags": {k: FLAGS[k].value for k in (
                   "data_dir", "train_split", "eval_split", "dcgan_epochs", "dcgan_minutes",
@@ -147,7 +149,6 @@ def main(argv):
                                                ("eval_fid_logits", "FID (classifier logits)"))},
                            xlabel="epoch", ylabel="FID", title=f"DCGAN on {FLAGS.dataset}")
         if os.path.exists(os.path.join(run, "samples.png")):
-            import shutil
             shutil.copy(os.path.join(run, "samples.png"),
                         os.path.join(results_dir, f"{stem}_dcgan_samples.png"))
     result["load_end"] = os.getloadavg()

@@ -6,7 +6,9 @@ Both steps: the tutorial's DCGAN (same layers, LeakyReLU 0.3, dropout 0.3, batch
 non-saturating losses from one forward pass, Adam(1e-4, eps 1e-7) for both networks, batch 256.
 The TensorFlow step is the tutorial's `train_step` under `tf.function`. Both run in this process on
 the same Fashion-MNIST batches, alternating ours / theirs every repeat after a warm-up; each figure
-is the median over repeats. Only the ratio is meaningful on a shared machine.
+is the median over repeats. Only the ratio is meaningful on a shared machine, and only for the CPU
+it ran on: the JSON's `machine` (`benchmarks/machine.py`) records its model name, family/model,
+core counts and ISA flags (AVX-512, AMX), and the table prints them.
 
 Also reported: the FLOPs of our compiled step (XLA's cost analysis) as a fraction of this machine's
 fp32 matmul peak measured here, a per-op profile of our step (XLA ops from a JAX profiler trace),
@@ -34,7 +36,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks import xla_profile  # noqa: E402
+from benchmarks import machine, xla_profile  # noqa: E402
 from gan import cpu_settings  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 256, "Batch size of both steps.")
@@ -293,8 +295,7 @@ def main(argv):
                           **compare(FLAGS.batch_size, steps, repeats)}))
         return
     import jax
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "processor": platform.processor()},
+    result = {"machine": machine.machine_record(),
               "versions": {"jax": jax.__version__, "python": platform.python_version()},
               "env": environment(os.environ),
               "flags": {k: FLAGS[k].value for k in ("batch_size", "steps", "repeats")},
@@ -328,7 +329,8 @@ def main(argv):
 
 
 def print_table(r: dict) -> None:
-    print(f"\nDCGAN train step, batch {r['flags']['batch_size']} (load {r['load_before']} -> "
+    print(f"\nMachine: {machine.describe(r['machine'])}")
+    print(f"DCGAN train step, batch {r['flags']['batch_size']} (load {r['load_before']} -> "
           f"{r['load_after']})")
     print(f"{'':28s}{'ours img/s':>12s}{'TF img/s':>12s}{'ratio':>8s}")
     rows = [(r["env"]["label"], r)]

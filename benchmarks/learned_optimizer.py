@@ -17,16 +17,18 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
 
 from launch import flags as launch_flags
 from launch import learned_optimizer as launcher
-from learned_optimizers import evaluate, meta_train, tasks
+from learned_optimizers import evaluate, tasks, train
 
 flags.DEFINE_list("configs", ["lstm_quadratic", "lstm_quadratic_second_order", "lstm_mlp_digits"],
                   "Config files to run.")
@@ -35,6 +37,11 @@ flags.DEFINE_string("root", "/tmp/learned_optimizer_benchmark", "Where the runs'
 flags.DEFINE_list("unroll_lengths", ["5", "10", "20", "40"], "Unroll lengths of the speed table.")
 flags.DEFINE_string("speed_config", "lstm_mlp_digits", "Config whose meta-step is timed.")
 flags.DEFINE_integer("speed_steps", 5, "Timed meta-steps per unroll length.")
+flags.DEFINE_string("meta_step_config", "",
+                    "Config whose meta-step is timed against the machine's matmul peak "
+                    "(e.g. lstm_mlp_mnist28; '' skips it).")
+flags.DEFINE_list("block_sizes", ["0", "1024"], "LSTM block sizes of that table (0: unblocked).")
+flags.DEFINE_integer("meta_step_rounds", 3, "Alternating timing rounds of that table.")
 flags.DEFINE_string("note", "", "Free text stored with the results (e.g. what was not run).")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results",
                                            "learned_optimizer.json"), "Result file.")
@@ -44,7 +51,16 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "configs")
 
 
-def config_from_file(name: str, **overrides) -> meta_train.Config:
+# The meta-objective the rows were trained on: `tasks.scored_unroll`'s losses after every update.
+OBJECTIVE = "f(theta_{s+1})..f(theta_{s+K}) per unroll from step s (every update credited)"
+
+
+def command() -> str:
+    """This invocation as a command line."""
+    return " ".join(["python -m benchmarks.learned_optimizer", *sys.argv[1:]])
+
+
+def config_from_file(name: str, **overrides) -> train.Config:
     """The Config a `--flagfile=launch/configs/<name>.flags` launch would build (this re-parses,
     so resets, every flag: read the benchmark's own flags before calling it)."""
     launch_flags.parse_flagfile(os.path.join(CONFIG_DIR, name + ".flags"))
@@ -72,7 +88,7 @@ def quality(config_names, seeds, root: str) -> dict:
             path = os.path.join(workdir, evaluate.EVAL_FILE)
             start = time.perf_counter()
             if not os.path.exists(path):
-                meta_train.train_and_evaluate(config, workdir)
+                train.train_and_evaluate(config, workdir)
             with open(path) as f:
                 runs.append(json.load(f))
             print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -86,7 +102,8 @@ def quality(config_names, seeds, root: str) -> dict:
                     "ratio_lstm_to_adam": mean_sd([r["comparison"][h]["ratio_lstm_to_adam"]
                                                    for r in per_seed]),
                     "lstm_rank": mean_sd([r["comparison"][h]["rank"]["lstm"] for r in per_seed]),
-                    "learning_rates": per_seed[0]["learning_rates"]}
+                    "learning_rates": per_seed[0]["learning_rates"],
+                    "objective": OBJECTIVE, "command": command()}
                 out[row_key(row)] = row
     return out
 
@@ -102,15 +119,15 @@ def time_calls(fn, args, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def speed(name: str, unroll_lengths, steps: int, estimators=meta_train.ESTIMATORS) -> dict:
+def speed(name: str, unroll_lengths, steps: int, estimators=train.ESTIMATORS) -> dict:
     """Per estimator and unroll length K: meta-steps/s, task-steps/s, the ratio to training the
     same meta-batch of tasks with plain Adam, and the compiled meta-step's temporary memory."""
     rows = {}
     for estimator, k in [(e, k) for e in estimators for k in unroll_lengths]:
         config = config_from_file(name, unroll_length=k, horizon=4 * k, estimator=estimator)
-        family = meta_train.make_family(config, "train")
-        state = meta_train.create_meta_state(config, family, jax.random.PRNGKey(0))
-        step = jax.jit(meta_train.make_meta_step(config, family))
+        family = train.make_family(config, "train")
+        state = train.create_train_state(config, family, jax.random.PRNGKey(0))
+        step = jax.jit(train.make_train_step(config, family))
         memory = step.lower(state, family.data).compile().memory_analysis()
         seconds = time_calls(step, (state, family.data), steps)
 
@@ -129,6 +146,112 @@ def speed(name: str, unroll_lengths, steps: int, estimators=meta_train.ESTIMATOR
             "temp_memory_mib": getattr(memory, "temp_size_in_bytes", 0) / 2**20}
         print(f"{estimator}, unroll {k}: {rows[f'{estimator}/{k}']}", flush=True)
     return {"config": name, "rows": rows}
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of the fastest of `reps` float32 n x n matrix products (2 n³ FLOPs each)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    product = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(product(a))
+    return 2 * n ** 3 / min(timed(product, a) for _ in range(reps))
+
+
+def copy_bandwidth(mib: int = 256, reps: int = 5) -> float:
+    """Bytes/s of the fastest of `reps` in-place passes x <- x + 1 over a float32 array of `mib`
+    MiB (read + write: 2 x its size; the buffer donated, so no page faults of a fresh one)."""
+    a = jnp.ones((mib * 2**18,), jnp.float32)
+    bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+    a = jax.block_until_ready(bump(a))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a = jax.block_until_ready(bump(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.nbytes / best
+
+
+def timed(fn, *args) -> float:
+    """Seconds of one call of `fn(*args)` until its output is ready."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def step_cost(config: train.Config, family: tasks.TaskFamily) -> dict[str, float]:
+    """XLA cost analysis of one optimizer step's share of the meta-gradient: the K = 1 meta-step's
+    gradient (unblocked), whose one-trip loop is counted exactly (XLA counts a loop body once)."""
+    one = dataclasses.replace(config, unroll_length=1, horizon=1, block_size=0)
+    state = train.create_train_state(one, family, jax.random.PRNGKey(0))
+    grad = jax.jit(jax.grad(lambda phi, traj, data: train.truncated_meta_loss(
+        one, family, phi, traj, 0, data)[0]))
+    cost = grad.lower(state.meta_params, state.trajectories, family.data).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
+
+
+def meta_step_speed(name: str, block_sizes, rounds: int) -> dict:
+    """The config's meta-step for each LSTM block size, timed alternately (`rounds` rounds,
+    medians), against the matmul peak and copy bandwidth measured in the same process: FLOPs per
+    meta-step = K x `step_cost` (the same function whatever the block size), fraction of peak =
+    achieved FLOP/s / peak; plain Adam on the same tasks as in `speed`."""
+    base = config_from_file(name)
+    family = train.make_family(base, "train")
+    cost = step_cost(base, family)
+    k = base.unroll_length
+    steps, memory = {}, {}
+    for b in block_sizes:
+        config = dataclasses.replace(base, block_size=b)
+        state = train.create_train_state(config, family, jax.random.PRNGKey(0))
+        step = jax.jit(train.make_train_step(config, family))
+        memory[b] = step.lower(state, family.data).compile().memory_analysis()
+        jax.block_until_ready(step(state, family.data))
+        steps[b] = (step, state)
+    peaks, bandwidths, seconds = [matmul_peak()], [copy_bandwidth()], {b: [] for b in block_sizes}
+    for _ in range(rounds):
+        for b in block_sizes:
+            step, state = steps[b]
+            seconds[b].append(timed(step, state, family.data))
+        peaks.append(matmul_peak())
+        bandwidths.append(copy_bandwidth())
+    peak, bandwidth = max(peaks), max(bandwidths)
+    adam = optax.adam(1e-3)
+    trajectories = jax.vmap(lambda key: tasks.start(adam, family, key))(
+        jax.random.split(jax.random.PRNGKey(0), base.meta_batch_size))
+    adam_unroll = jax.jit(jax.vmap(lambda t, data: tasks.unroll(adam, family, t, k, 0, data),
+                                   in_axes=(0, None)))
+    adam_seconds = time_calls(adam_unroll, (trajectories, family.data), 5)
+    rows = {}
+    for b in block_sizes:
+        median = float(np.median(seconds[b]))
+        task_steps = base.meta_batch_size * k
+        rows[str(b)] = {
+            "block_size": b, "unroll_length": k, "meta_batch_size": base.meta_batch_size,
+            "seconds_per_meta_step": seconds[b], "meta_steps_per_s": 1.0 / median,
+            "task_steps_per_s": task_steps / median,
+            "adam_task_steps_per_s": task_steps / adam_seconds,
+            "ratio_meta_training_to_adam_training": adam_seconds / median,
+            "flops_per_meta_step": k * cost["flops"],
+            "achieved_flops_per_s": k * cost["flops"] / median,
+            "fraction_of_matmul_peak": k * cost["flops"] / median / peak,
+            "unblocked_bytes_per_meta_step": k * cost["bytes"],
+            "unblocked_bytes_per_s_over_copy_bandwidth": k * cost["bytes"] / median / bandwidth,
+            "temp_memory_mib": getattr(memory[b], "temp_size_in_bytes", 0) / 2**20,
+            "speedup_over_first": float(np.median(np.array(seconds[block_sizes[0]])
+                                                  / np.array(seconds[b])))}
+        print(f"meta-step, block {b}: {rows[str(b)]}", flush=True)
+    return {"config": name, "matmul_peak_flops_per_s": peak, "matmul_peaks": peaks,
+            "copy_bytes_per_s": bandwidth, "copy_bandwidths": bandwidths,
+            "cpu_model": cpu_model(), "command": command(), "rows": rows}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]} x {len(names)}" if names else platform.processor()
 
 
 def print_table(results: dict) -> None:
@@ -150,22 +273,26 @@ def main(argv):
     configs, root, output = list(FLAGS.configs), FLAGS.root, FLAGS.output
     unrolls, speed_config = [int(k) for k in FLAGS.unroll_lengths], FLAGS.speed_config
     speed_steps, note = FLAGS.speed_steps, FLAGS.note
+    meta_step_config, rounds = FLAGS.meta_step_config, FLAGS.meta_step_rounds
+    block_sizes = [int(b) for b in FLAGS.block_sizes]
     results = quality(configs, seeds, root)
     speed_results = speed(speed_config, unrolls, speed_steps) if unrolls else {}
+    meta_step = meta_step_speed(meta_step_config, block_sizes, rounds) if meta_step_config else {}
     previous = {}
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:
             previous = json.load(f)
     results = {**{row_key(row): row for row in previous.get("quality", {}).values()
                   if row["config"] not in configs}, **results}
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+    report = {"machine": {"platform": platform.platform(), "processor": cpu_model(),
                           "cpu_count": os.cpu_count(), "devices": str(jax.devices())},
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
                            "optax": optax.__version__},
               "flags": {"configs": configs, "seeds": seeds, "root": root,
                         "unroll_lengths": unrolls, "speed_config": speed_config},
               "notes": [*previous.get("notes", []), *([note] if note else [])],
-              "quality": results, "speed": speed_results or previous.get("speed", {})}
+              "quality": results, "speed": speed_results or previous.get("speed", {}),
+              "meta_step_speed": meta_step or previous.get("meta_step_speed", {})}
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2)

@@ -10,12 +10,11 @@ inner loop, the mean query loss backpropagated, Adam. Both run on the same episo
 in this invocation, so contention from other processes hits both alike.
 
 PyTorch runs in a child process with its own OpenMP setting (`--torch_omp_wait_policy`, default
-ACTIVE: its worker threads spin between parallel regions, its fastest setting on an idle machine
--- measured 0.73 s vs 0.83 s with libgomp's default and 1.17 s with PASSIVE, 5-way 1-shot second
-order). Spinning threads would take the cores from our step if they shared its process, so the
-child is stopped (SIGSTOP) while ours is timed and continued (SIGCONT) for its own turn. Measure
-on an idle machine: with another job on the same 2 cores, ACTIVE's spinning threads collapse
-(5.9-15.2 s per step measured, against 0.94 s idle); on a shared machine pass
+ACTIVE: its worker threads spin between parallel regions, its fastest setting on an idle machine;
+the comparison of the policies is in benchmarks/README.md). Spinning threads would take the cores
+from our step if they shared its process, so the child is stopped (SIGSTOP) while ours is timed
+and continued (SIGCONT) for its own turn. Measure on an idle machine: with another job on the same
+cores, ACTIVE's spinning threads collapse; on a shared machine pass
 `--torch_omp_wait_policy=PASSIVE`. Writes benchmarks/results/maml.json.
 """
 
@@ -145,16 +144,16 @@ class TorchReference:
 def our_config(name: str, first_order: bool, task_batching="auto", conv_impl="auto"):
     ways, shots, batch, steps, lr = SETTINGS[name]
     return train.Config(dataset="omniglot", ways=ways, shots=shots, queries=shots,
-                        batch_size=batch, inner_steps=steps, inner_lr=lr,
-                        first_order=first_order, task_batching=task_batching,
+                        meta_batch_size=batch,
+                        inner=core.MetaConfig(steps=steps, lr=lr, first_order=first_order,
+                                              task_batching=task_batching),
                         conv_impl=conv_impl)
 
 
 def our_step(config: train.Config):
     mesh = parallel.make_mesh()
-    optimizer = core.make_optimizer(config.meta_lr)
     state = parallel.replicate(mesh, train.create_train_state(config, jax.random.PRNGKey(0)))
-    step = core.make_meta_step(train.make_learner(config), config.meta_config(), optimizer, mesh)
+    step = train.jit_train_step(config, mesh, train.make_learner(config))
     holder = {"state": state}
 
     def run(batch):
@@ -189,7 +188,7 @@ def stage_table(config: train.Config, batch_np) -> dict[str, float]:
     """Seconds of the stages of our step (each jitted alone): forward of all tasks, the inner
     adaptation (support forward + backward), and the full meta-gradient."""
     learner = train.make_learner(config)
-    meta_config = config.meta_config()
+    meta_config = config.inner
     state = train.create_train_state(config, jax.random.PRNGKey(0))
     mp = state.meta_params
     batch = jax.device_put(batch_np)
@@ -200,7 +199,7 @@ def stage_table(config: train.Config, batch_np) -> dict[str, float]:
         "inner adaptation (all tasks)": jax.jit(jax.vmap(
             lambda mp, t: core.adapt(mp["fast"], t["support"],
                                      lambda f, b: learner.support_loss(f, mp["slow"], b),
-                                     mp["inner_lr"], meta_config.inner_steps,
+                                     mp["inner_lr"], meta_config.steps,
                                      meta_config.first_order), in_axes=(None, 0))),
         "meta-gradient (full)": jax.jit(lambda mp, b: core.meta_gradient(
             mp, b, jnp.ones(1), learner, meta_config)),
@@ -296,8 +295,8 @@ def main():
             config = our_config(name, first_order)
             batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
             ours, put, step, holder = our_step(config)
-            theirs = TorchReference(args.torch_omp_wait_policy, ways, config.inner_steps,
-                                    config.inner_lr, first_order, batch)
+            theirs = TorchReference(args.torch_omp_wait_policy, ways, config.inner.steps,
+                                    config.inner.lr, first_order, batch)
             on_device = put(batch)
             ours(on_device)  # compile
             times = {"ours": [], "torch": []}
@@ -311,9 +310,9 @@ def main():
             cost = flops_and_memory(step, holder, on_device)
             key = f"{name}_{'first' if first_order else 'second'}_order"
             results["speed"][key] = {
-                "meta_batch": meta_batch, "inner_steps": config.inner_steps,
+                "meta_batch": meta_batch, "inner_steps": config.inner.steps,
                 "conv_impl": train.resolve_conv_impl(config.conv_impl),
-                "task_batching": core.resolve_task_batching(config.task_batching),
+                "task_batching": core.resolve_task_batching(config.inner.task_batching),
                 "seconds_per_step_ours": times["ours"], "seconds_per_step_torch": times["torch"],
                 "meta_steps_per_s_ours": 1 / s_ours, "meta_steps_per_s_torch": 1 / s_torch,
                 "ratio": s_torch / s_ours, "flops_per_step": cost["flops"],
@@ -341,7 +340,8 @@ def main():
     if memory_steps:
         results["peak_memory_bytes_vs_inner_steps"] = {}
     for steps in memory_steps:
-        config = dataclasses.replace(our_config(name, False), inner_steps=steps)
+        config = our_config(name, False)
+        config = dataclasses.replace(config, inner=dataclasses.replace(config.inner, steps=steps))
         _, put, step, holder = our_step(config)
         temp = flops_and_memory(step, holder, put(batch))["temp_bytes"]
         results["peak_memory_bytes_vs_inner_steps"][steps] = temp

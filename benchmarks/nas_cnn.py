@@ -29,7 +29,10 @@ import jax
 import numpy as np
 
 from common import images
-from nas import child, search
+from nas import evaluate, train
+from nas import history as history_lib
+from nas.child import ChildConfig
+from nas.controller import ControllerConfig
 
 BASELINE = ((3, 3, 8, 1), (3, 3, 16, 2), (3, 3, 24, 2))  # plain 3x3 stack: widening, 2 downsamples
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -47,31 +50,34 @@ def main():
     parser.add_argument("--num_steps", type=int, default=100)
     parser.add_argument("--final_num_steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--learning_rate", type=float, default=2e-2,
-                        help="controller learning rate (the nas_macro tuning's choice)")
+    parser.add_argument("--learning_rate", type=float, default=ControllerConfig.learning_rate,
+                        help="controller learning rate (default: the Config default)")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--workdir", default="/tmp/nas_cnn_benchmark")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    base = search.Config(space="cnn", dataset="fashion_mnist", data_dir=args.data_dir,
-                         budget=args.budget, num_layers=args.num_layers, num_steps=args.num_steps,
-                         batch_size=args.batch_size, validation_size=args.validation_size,
-                         num_filters=tuple(int(n) for n in args.num_filters.split(",")),
-                         final_num_steps=args.final_num_steps, seed=args.seed,
-                         learning_rate=args.learning_rate,
-                         architectures_per_step=min(5, args.budget // 2),
-                         checkpoint_every=1, log_every=5)
-    space, objective = search.make_problem(base)  # one trainer: compiled shapes are shared
+    child = ChildConfig(dataset="fashion_mnist", num_steps=args.num_steps,
+                        batch_size=args.batch_size, validation_size=args.validation_size)
+    base = train.Config(space="cnn", data_dir=args.data_dir, budget=args.budget,
+                        num_layers=args.num_layers, child=child,
+                        num_filters=tuple(int(n) for n in args.num_filters.split(",")),
+                        final_num_steps=args.final_num_steps, seed=args.seed,
+                        controller=ControllerConfig(learning_rate=args.learning_rate),
+                        architectures_per_step=min(5, args.budget // 2),
+                        checkpoint_every=1, log_every=5)
+    # One trainer for every search: compiled shapes are shared.
+    space, objective, final_test = train.make_problem(base)
     runs = {}
     for algorithm in args.algorithms.split(","):
         config = dataclasses.replace(base, algorithm=algorithm)
         t0 = time.perf_counter()
-        summary = search.train_and_evaluate(config, os.path.join(args.workdir, algorithm),
-                                            space=space, objective=objective)
-        history = search.read_history(os.path.join(args.workdir, algorithm))
+        summary = train.train_and_evaluate(config, os.path.join(args.workdir, algorithm),
+                                           space=space, objective=objective,
+                                           final_test=final_test)
+        history = history_lib.read_history(os.path.join(args.workdir, algorithm))
         runs[algorithm] = {
-            "best_validation_so_far": search.best_so_far(history).tolist(),
+            "best_validation_so_far": history_lib.best_so_far(history).tolist(),
             "best_architecture": summary["best"]["values"],
             "best_layers": summary["final"]["layers"],
             "best_validation_accuracy": summary["best"]["reward"],
@@ -80,7 +86,7 @@ def main():
             "children_compile_s": sum(r.info.get("compile_s", 0.0) for r in history),
             "children_train_s": sum(r.info.get("train_s", 0.0) for r in history),
             "wall_s": time.perf_counter() - t0}
-    baseline = child.retrain_and_test(objective.trainer, BASELINE, args.final_num_steps)
+    baseline = evaluate.retrain_and_test(objective.trainer, BASELINE, args.final_num_steps)
 
     print(f"\nFashion-MNIST CNN search: {args.budget} children of {args.num_steps} steps each, "
           f"{args.num_layers} layers; retrained {args.final_num_steps} steps")

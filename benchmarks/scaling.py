@@ -45,12 +45,11 @@ from common import parallel
 from maml import core, tasks, train
 devices, batch, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 mesh = Mesh(np.asarray(jax.devices()[:devices]), (parallel.DATA_AXIS,))
-config = train.Config(dataset="omniglot", ways=5, shots=1, queries=1, batch_size=batch,
-                      inner_lr=0.4, inner_steps=1)
+config = train.Config(dataset="omniglot", ways=5, shots=1, queries=1, meta_batch_size=batch,
+                      inner=core.MetaConfig(lr=0.4, steps=1))
 images = np.random.default_rng(0).integers(0, 256, (100, 20, 28, 28), dtype=np.uint8)
 state = parallel.replicate(mesh, train.create_train_state(config, jax.random.PRNGKey(0)))
-step = core.make_meta_step(train.make_learner(config), config.meta_config(),
-                           core.make_optimizer(config.meta_lr), mesh)
+step = train.jit_train_step(config, mesh, train.make_learner(config))
 batch_ = parallel.shard_batch(mesh, tasks.episodes(images, 0, 0, batch, 5, 1, 1))
 """
 

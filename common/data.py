@@ -23,7 +23,6 @@ import importlib.util
 import os
 import re
 import struct
-from typing import Iterator
 
 import numpy as np
 
@@ -266,14 +265,3 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int,
         position * batch_size:(position + 1) * batch_size]
     share = batch_size // process_count
     return global_idx[process_index * share:(process_index + 1) * share]
-
-
-def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0,
-            process_index: int = 0,
-            process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Infinite stream of (images, labels) for steps start_step, start_step + 1, ..."""
-    step = start_step
-    while True:
-        idx = batch_indices(len(dataset), batch_size, seed, step, process_index, process_count)
-        yield dataset.images[idx], dataset.labels[idx]
-        step += 1

@@ -7,6 +7,8 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2,
@@ -33,8 +35,6 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2,
 def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None, scale: int = 3,
                     value_range: tuple[float, float] = (-1.0, 1.0)) -> str:
     """Writes `image_grid(images)` to `path` as a PNG, each pixel shown as scale x scale."""
-    from PIL import Image
-
     grid = image_grid(images, ncols, value_range=value_range)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale != 1:
@@ -49,11 +49,8 @@ def save_image_grid(path: str, images: np.ndarray, ncols: int | None = None, sca
 def save_curves(path: str, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                 xlabel: str = "step", ylabel: str = "", title: str = "", logy: bool = False) -> str:
     """Plots named (x, y) curves on one axis and writes the figure to `path` as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig = Figure(figsize=(7, 4.5), dpi=100)  # no pyplot: no GUI backend, no global figure state
+    ax = fig.subplots()
     for name, (x, y) in curves.items():
         ax.plot(x, y, label=name)
     ax.set_xlabel(xlabel)
@@ -67,5 +64,4 @@ def save_curves(path: str, curves: Mapping[str, tuple[Sequence[float], Sequence[
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path

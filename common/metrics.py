@@ -58,7 +58,8 @@ class MetricWriter:
     from) are dropped first, so the file of a resumed run equals that of an uninterrupted one.
     """
 
-    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True,
+                 log_every: int | None = None):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
@@ -66,6 +67,8 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
+        if log_every and resume_step:
+            warn_about_gaps(self.path, {r.get("step") for r in kept}, resume_step, log_every)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -77,8 +80,13 @@ class MetricWriter:
         if not self.active:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        try:
+            line = json.dumps(row, allow_nan=False)
+        except ValueError:
+            check_finite(step, row, None)
+            raise
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line + "\n")
         if self._tb is not None:
             from tensorboard.compat.proto import event_pb2, summary_pb2
             values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
@@ -94,6 +102,44 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def write_json(path: str, result: Any, non_finite: str = "error") -> str:
+    """Writes `result` to `path` atomically as strict JSON. A non-finite number raises
+    `FloatingPointError` naming the file (`non_finite="error"`) or is written as null
+    (`non_finite="null"`: for results where divergence is an outcome, not a failure)."""
+    try:
+        text = json.dumps(result, indent=2, allow_nan=False, default=_plain)
+    except ValueError:
+        if non_finite != "null":
+            raise FloatingPointError(f"Non-finite values in the results for {path} (not written): "
+                                     f"{result}") from None
+        text = json.dumps(_nulls_for_non_finite(result), indent=2, default=_plain)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _nulls_for_non_finite(value: Any) -> Any:
+    value = _plain(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nulls_for_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulls_for_non_finite(v) for v in value]
+    return value
+
+
+def warn_about_gaps(path: str, steps: set, resume_step: int, log_every: int) -> None:
+    """Logs a warning naming the logged steps up to `resume_step` that `path` lacks."""
+    missing = [s for s in range(log_every, resume_step + 1, log_every) if s not in steps]
+    if missing:
+        logging.warning("%s lacks the rows of %d logged steps before the checkpoint of step %d "
+                        "(steps %d to %d); the file was edited or deleted, and those rows are "
+                        "lost.", path, len(missing), resume_step, missing[0], missing[-1])
 
 
 class Progress:
@@ -166,15 +212,21 @@ class PendingMetrics:
             check_finite(step - len(rows) + 1 + offset, row, self.last_checkpoint)
         return rows
 
+    def check(self, step: int, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`row` (e.g. an evaluation's metrics) after `check_finite`."""
+        check_finite(step, row, self.last_checkpoint)
+        return row
+
     def checkpointed(self, step: int) -> None:
         """Records that the state after `step` is saved: a later NaN error names it."""
         self.last_checkpoint = step
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], last_checkpoint: int | None) -> None:
-    """Raises `FloatingPointError` naming the step and every non-finite metric."""
+    """Raises `FloatingPointError` naming the step and every non-finite metric (nested in lists
+    too); `last_checkpoint` is the newest checkpoint known intact (saved or verified)."""
     bad = {k: _plain(v) for k, v in metrics.items()
-           if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))}
+           if np.issubdtype(np.asarray(v).dtype, np.number) and not np.all(np.isfinite(v))}
     if bad:
         where = (f"the last good checkpoint (step {last_checkpoint}) is intact"
                  if last_checkpoint else "no checkpoint had been written")

@@ -76,8 +76,9 @@ def read_archive(path: str, size: int = IMAGE_SIZE) -> dict[str, list[np.ndarray
             try:
                 image = _resize(archive.read(name), size)
             except Exception as e:  # PIL and zlib raise many types on damaged members
-                raise CorruptDataError(f"{path}: member {name} does not decode as an image "
-                                       f"({type(e).__name__}: {e}). Re-download the archive.") from e
+                raise CorruptDataError(
+                    f"{path}: member {name} does not decode as an image "
+                    f"({type(e).__name__}: {e}). Re-download the archive.") from e
             characters.setdefault(f"{alphabet}/{character}", []).append((file, image))
     if not characters:
         raise CorruptDataError(f"{path}: no <alphabet>/<character>/<drawing>.png images inside.")

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -110,15 +111,22 @@ def shard_batch(mesh: Mesh, local_batch, axis: int = 0):
                         local_batch)
 
 
-def replicate(mesh: Mesh, tree):
-    """Places a pytree, identical on every process, on every device of the mesh."""
-    sharding = replicated_sharding(mesh)
+def place(tree, shardings):
+    """Puts a pytree of host arrays, identical on every process, on the mesh: `shardings` is one
+    sharding for every leaf or a pytree of them; each process places only its devices' pieces."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
 
-    def put(x):
+    def put(x, sharding):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
-    return jax.tree.map(put, tree)
+    return jax.tree.map(put, tree, shardings)
+
+
+def replicate(mesh: Mesh, tree):
+    """Places a pytree, identical on every process, on every device of the mesh."""
+    return place(tree, replicated_sharding(mesh))
 
 
 def to_host(tree):
@@ -150,7 +158,6 @@ def agree(decision: bool) -> bool:
     process would judge by its own clock)."""
     if jax.process_count() == 1:
         return bool(decision)
-    from jax.experimental import multihost_utils
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
 
 

@@ -11,7 +11,7 @@ default threefry PRNG with `jax_threefry_partitionable`, those bits are
 
 i.e. Threefry-2x32 with 20 rounds (Salmon et al., 2011) of a 64-bit counter. XLA's CPU lowering of
 `jax.random.bits` runs the rounds as a while loop over whole arrays with rotation amounts read at
-run time, about 20x slower than the same rounds unrolled with constant rotations, which XLA fuses
+run time, much slower than the same rounds unrolled with constant rotations, which XLA fuses
 into one vectorised loop together with the comparison and the select. `random_bits` is that
 unrolled form; `Dropout` uses it with the key `nn.Dropout` would draw, so masks, outputs and
 gradients are those of `nn.Dropout`.

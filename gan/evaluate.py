@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -49,8 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import data
+from common import data, metrics
 from gan import classifier as classifier_lib
+from gan import networks
 
 PARZEN_SIGMAS = tuple(float(s) for s in np.logspace(-1.0, 0.0, 10))
 EVAL_FILE = "eval.json"
@@ -58,17 +58,30 @@ EVAL_FILE = "eval.json"
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    num_samples: int = 10_000  # generator samples (Parzen fit, FID, IS)
-    num_real: int = 10_000  # real test images (Parzen test set, FID reference)
-    num_validation: int = 1_000  # training images for choosing sigma
+    """What an evaluation computes, and how often training runs one.
+
+    Attributes:
+        every: Compute FID/IS/Parzen every this many training steps into metrics.jsonl (0: never).
+        num_samples: Generator samples per evaluation (the Parzen fit, FID, IS).
+        num_real: Real test images per evaluation (the Parzen test set, FID's reference).
+        num_validation: Training images held out to choose the Parzen sigma.
+        is_splits: Splits of the generated images the Inception Score is averaged over.
+        parzen: Include the Parzen-window log-likelihood.
+        classifier_dir: Cache of the FID classifiers (default ~/.cache/l2gl/classifiers).
+        classifier_epochs: Training epochs of the FID classifier.
+        classifier_min_steps: The FID classifier trains at least this many steps, whatever the
+            epochs.
+    """
+
+    every: int = 0
+    num_samples: int = 10_000
+    num_real: int = 10_000
+    num_validation: int = 1_000
     is_splits: int = 10
     parzen: bool = True
-    classifier_dir: str | None = None  # cache of trained classifiers
+    classifier_dir: str | None = None
     classifier_epochs: int = 5
     classifier_min_steps: int = 3000
-    seed: int = 0
-    train_split: str = "train"  # where the Parzen validation images are drawn from
-    test_split: str = "test"  # the real images: FID reference and Parzen test set
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,56 +223,63 @@ def to_unit_range(images: np.ndarray, value_range: tuple[float, float]) -> np.nd
     return (np.asarray(images, np.float32) - lo) / (hi - lo)
 
 
-def generate(train_config, state, num: int, seed: int, batch_size: int = 500) -> np.ndarray:
+def generate(nets: networks.Networks, state: networks.GANState, num: int, seed: int,
+             batch_size: int = 500) -> np.ndarray:
     """`num` images in [0, 1] from the generator (running batch-norm averages)."""
-    from gan import train  # train imports this module for in-training evaluation
-    nets = train.Networks(train_config)
     params, batch_stats = jax.device_get((state.g_params, state.g_batch_stats))
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x9A9)
     gen = jax.jit(lambda z: nets.generate(params, batch_stats, z, train=False)[0])
-    out = [np.asarray(gen(train.sample_noise(train_config, jax.random.fold_in(key, i),
-                                             min(batch_size, num - i))))
+    out = [np.asarray(gen(nets.sample_noise(jax.random.fold_in(key, i),
+                                            min(batch_size, num - i))))
            for i in range(0, num, batch_size)]
     return to_unit_range(np.concatenate(out), nets.value_range)
 
 
-def reference_images(dataset: str, data_dir: str | None, config: EvalConfig
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(test images, validation images held out of the training split), both in [0, 1].
+def reference_images(dataset: str, data_dir: str | None, config: EvalConfig, train_split: str,
+                     test_split: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the first `num_real` images of `test_split`, validation images held out of
+    `train_split`), both in [0, 1].
 
-    The validation images are a seeded random `num_validation` of the training split (None when
-    the dataset has no training split here)."""
-    test = data.load(dataset, config.test_split, data_dir).images[:config.num_real]
+    The validation images are a `seed`-determined random `num_validation` of the training split
+    (None when the dataset has no such split here)."""
+    test = data.load(dataset, test_split, data_dir).images[:config.num_real]
     try:
-        train_images = data.load(dataset, config.train_split, data_dir).images
-        pick = np.random.default_rng(config.seed).permutation(len(train_images))
+        train_images = data.load(dataset, train_split, data_dir).images
+        pick = np.random.default_rng(seed).permutation(len(train_images))
         validation = train_images[pick[:config.num_validation]].astype(np.float32) / 255.0
     except data.DataNotFoundError:
         validation = None
     return test.astype(np.float32) / 255.0, validation
 
 
-def evaluate_images(samples: np.ndarray, dataset: str, data_dir: str | None,
-                    config: EvalConfig) -> dict[str, Any]:
-    """All metrics of `samples` (images in [0, 1]) against `dataset`."""
+def evaluate_images(samples: np.ndarray, dataset: str, data_dir: str | None, config: EvalConfig,
+                    train_split: str, test_split: str, seed: int) -> dict[str, Any]:
+    """All metrics of `samples` (images in [0, 1]) against `dataset`: FID's reference and the
+    Parzen test set from `test_split`, the Parzen validation images from `train_split`."""
     start = time.time()
     clf = classifier_lib.load_or_train(
         classifier_lib.ClassifierConfig(dataset=dataset, data_dir=data_dir,
                                         epochs=config.classifier_epochs,
                                         min_steps=config.classifier_min_steps),
         config.classifier_dir)
-    test, validation = reference_images(dataset, data_dir, config)
+    test, validation = reference_images(dataset, data_dir, config, train_split, test_split, seed)
     records = classifier_metrics(clf, samples * 2 - 1, test * 2 - 1, config.is_splits)
     if config.parzen and validation is not None:
         records.append(parzen_protocol(samples, validation, test))
+    settings = {**dataclasses.asdict(config), "seed": seed, "train_split": train_split,
+                "test_split": test_split}
     return {"dataset": dataset, "metrics": records, "classifier": clf.info,
-            "eval_config": dataclasses.asdict(config), "seconds": time.time() - start}
+            "eval_config": settings, "seconds": time.time() - start}
 
 
-def evaluate_state(train_config, state, step: int, config: EvalConfig) -> dict[str, Any]:
-    samples = generate(train_config, state, config.num_samples, config.seed)
-    result = evaluate_images(samples, train_config.dataset, train_config.data_dir, config)
-    return {"step": step, "model": train_config.model, "loss": train_config.loss, **result}
+def evaluate_state(nets: networks.Networks, state: networks.GANState, step: int,
+                   config: EvalConfig, dataset: str, data_dir: str | None, train_split: str,
+                   test_split: str, seed: int) -> dict[str, Any]:
+    """The metrics of `num_samples` images of the generator of `state` (noise drawn from `seed`),
+    see `evaluate_images`."""
+    samples = generate(nets, state, config.num_samples, seed)
+    result = evaluate_images(samples, dataset, data_dir, config, train_split, test_split, seed)
+    return {"step": step, "model": nets.model, "loss": nets.loss, **result}
 
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -273,30 +293,9 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def evaluate_workdir(workdir: str, config: EvalConfig) -> dict[str, Any]:
-    """Evaluates the latest checkpoint of the run in `workdir`; writes `workdir/eval.json`."""
-    from common import checkpoints
-    from gan import train
-    config_path = os.path.join(workdir, checkpoints.CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{workdir} holds no GAN run ({checkpoints.CONFIG_FILE} missing); "
-                                "train one first with `python -m launch.gan --workdir=...`.")
-    with open(config_path) as f:
-        train_config = train.Config(**json.load(f))
-    config = dataclasses.replace(config, train_split=train_config.train_split,
-                                 test_split=train_config.eval_split)  # the run's own splits
-    template = train.create_train_state(train_config, jax.random.PRNGKey(0))
-    with checkpoints.Checkpoints(workdir, save_every=1) as ckpts:
-        state, step = ckpts.restore_latest(template)
-    if step == 0:
-        raise FileNotFoundError(f"{workdir} has no readable checkpoint in "
-                                f"{os.path.join(workdir, 'checkpoints')}; nothing to evaluate.")
-    result = evaluate_state(train_config, state, step, config)
-    path = os.path.join(workdir, EVAL_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return result
+def write_result(workdir: str, result: dict[str, Any]) -> str:
+    """Writes `result` to `workdir/eval.json` (atomically); returns the path."""
+    return metrics.write_json(os.path.join(workdir, EVAL_FILE), result)
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -19,8 +19,6 @@ images to one logit per image, [B].
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -172,6 +170,3 @@ def get_models(name: str) -> tuple[nn.Module, nn.Module, tuple[float, float]]:
     generator, discriminator, value_range = MODELS[name]
     return generator(), discriminator(), value_range
 
-
-def count_parameters(tree: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,5 +1,7 @@
-"""Training a GAN: the state, Algorithm 1 of Goodfellow et al. (2014) as one jitted step, and the
-loop that runs it with checkpoints, metrics and sample grids.
+"""Training a GAN: `Config`, `create_train_state`, Algorithm 1 of Goodfellow et al. (2014) as one
+step (`make_train_step`, jitted with shardings by `jit_train_step`), and `train_and_evaluate`, the
+loop that runs it with checkpoints, metrics, sample grids and `gan.evaluate`'s metrics every
+`eval.every` steps. `evaluate_workdir` evaluates the latest checkpoint of a run.
 
 Two schedules, chosen by `Config.schedule`:
 
@@ -22,16 +24,16 @@ import os
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 
-from common import checkpoints, data, images, metrics, parallel
-from common.config import check_positive
-from gan import evaluate, losses, models
+from common import checkpoints, data, images, metrics, parallel, workdirs
+from common import config as config_lib
+from gan import evaluate, losses, models, networks
+from gan.networks import GANState
 
 SCHEDULES = ("sequential", "simultaneous")
 OPTIMIZERS = ("adam", "sgd_momentum")
@@ -40,98 +42,151 @@ NOISE = ("normal", "uniform")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: str = "dcgan"
-    loss: str = "non_saturating"
-    schedule: str = "simultaneous"
-    d_steps: int = 1  # k of Algorithm 1 (sequential schedule only)
-    optimizer: str = "adam"
+    """A GAN training run, and the evaluation it runs.
+
+    Attributes:
+        model: Generator/discriminator pair: the tutorial's DCGAN, or Goodfellow et al.'s
+            MLP/maxout pair.
+        loss: GAN loss pair.
+        schedule: sequential: Algorithm 1 (k D steps, then one G step); simultaneous: the
+            tutorial's one-forward-pass update of both (k = 1).
+        d_steps: k: discriminator steps per generator step (sequential schedule only).
+        optimizer: Optimizer of both networks.
+        learning_rate: Learning rate of both networks.
+        adam_b1: Adam beta1.
+        adam_b2: Adam beta2.
+        adam_eps: Adam epsilon (the default is Keras').
+        momentum: SGD momentum at the start.
+        final_momentum: SGD momentum reached linearly after the ramp (momentum_saturate_epochs
+            or momentum_saturate_steps).
+        momentum_saturate_epochs: Epochs over which the SGD momentum rises linearly to
+            final_momentum (steps derived from the training split's size; 0: use
+            momentum_saturate_steps). The paper's code: 249 (pylearn2's MomentumAdjustor, start 1,
+            saturate 250).
+        momentum_saturate_steps: Steps over which the SGD momentum rises to final_momentum (when
+            momentum_saturate_epochs is 0).
+        lr_decay: SGD: the learning rate is divided by this after every update (the paper:
+            1.000004).
+        min_learning_rate: SGD: floor of the decayed learning rate (0: none).
+        gp_weight: Gradient-penalty weight (wasserstein_gp only).
+        noise: Distribution of z (both of unit variance).
+        noise_dim: Dimension of z.
+        dataset: Dataset of the real images.
+        data_dir: Directory of the dataset's files (default: the places the dataset is looked
+            for without it).
+        train_split: Split to train on: 'train', or a slice such as 'test[:8000]' (MNIST
+            offline).
+        eval_split: Real images of FID and the Parzen test set: 'test', or e.g. 'test[8000:]'.
+        batch_size: Global batch size: real images per minibatch, over all devices and
+            processes.
+        num_epochs: Epochs of the run (ignored when num_steps is given).
+        num_steps: Training steps of the run (overrides num_epochs); a rerun with a larger value
+            continues.
+        max_minutes: Stop at the first checkpoint after this many minutes (0: no limit); the
+            same command continues the run.
+        seed: Seed of the initialisation, the data order, the noise and the evaluation's samples.
+        log_every: Write metrics every this many steps.
+        checkpoint_every: Save a checkpoint every this many steps.
+        sample_every: Write a sample grid every this many steps.
+        num_samples: Images in the sample grid.
+        eval: The evaluation (FID, IS, Parzen; gan.evaluate), during training and by
+            `launch.gan --evaluate_only`.
+    """
+
+    model: str = config_lib.choice("dcgan", models.MODELS)
+    loss: str = config_lib.choice("non_saturating", losses.LOSSES)
+    schedule: str = config_lib.choice("simultaneous", SCHEDULES)
+    d_steps: int = 1
+    optimizer: str = config_lib.choice("adam", OPTIMIZERS)
     learning_rate: float = 1e-4
     adam_b1: float = 0.9
     adam_b2: float = 0.999
-    adam_eps: float = 1e-7  # Keras' default
-    momentum: float = 0.5  # SGD: initial momentum
-    final_momentum: float = 0.5  # SGD: momentum reached linearly after `momentum_saturate_steps`
+    adam_eps: float = 1e-7
+    momentum: float = 0.5
+    final_momentum: float = 0.5
+    momentum_saturate_epochs: float = 0.0
     momentum_saturate_steps: int = 0
-    lr_decay: float = 1.0  # learning rate divided by this after every update (the paper: 1.000004)
+    lr_decay: float = 1.0
     min_learning_rate: float = 0.0
-    gp_weight: float = 10.0  # wasserstein_gp only
-    noise: str = "normal"
+    gp_weight: float = 10.0
+    noise: str = config_lib.choice("normal", NOISE)
     noise_dim: int = models.NOISE_DIM
-    dataset: str = "digits"
+    dataset: str = config_lib.choice("digits", data.DATASETS)
     data_dir: str | None = None
-    train_split: str = "train"  # or a slice: MNIST offline trains on "test[:8000]"
-    eval_split: str = "test"  # the real images of FID and the Parzen test set ("test[8000:]")
+    train_split: str = "train"
+    eval_split: str = "test"
     batch_size: int = 256
     num_epochs: int = 50
-    num_steps: int | None = None  # overrides num_epochs
-    max_minutes: float = 0.0  # stop at the first checkpoint after this long (0: no limit)
+    num_steps: int | None = None
+    max_minutes: float = 0.0
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 1000
     sample_every: int = 500
     num_samples: int = 64
-    # Evaluation (gan.evaluate): every `eval_every` steps during training (0: never), and by
-    # `launch.gan --evaluate_only`.
-    eval_every: int = 0
-    eval_num_samples: int = 10_000
-    eval_num_real: int = 10_000
-    eval_num_validation: int = 1_000
-    eval_parzen: bool = True
-    classifier_dir: str | None = None
-    classifier_epochs: int = 5
-    classifier_min_steps: int = 3000
+    eval: evaluate.EvalConfig = config_lib.nested(evaluate.EvalConfig)
 
     def validate(self) -> None:
-        choices = {"model": tuple(models.MODELS), "loss": tuple(losses.LOSSES),
-                   "schedule": SCHEDULES, "optimizer": OPTIMIZERS, "noise": NOISE,
-                   "dataset": data.DATASETS}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"Unknown {field} {getattr(self, field)!r}; "
-                                 f"choose one of {', '.join(allowed)}.")
+        config_lib.check_choices(self)
         if self.d_steps < 1:
             raise ValueError(f"d_steps must be >= 1, got {self.d_steps}.")
         if self.schedule == "simultaneous" and self.d_steps != 1:
             raise ValueError("The simultaneous schedule updates D and G from one forward pass "
                              "(k = 1); use --schedule=sequential for d_steps > 1.")
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(f"num_steps must be positive, got {self.num_steps}.")
+        if self.momentum_saturate_epochs < 0 or self.momentum_saturate_steps < 0:
+            raise ValueError("momentum_saturate_epochs and momentum_saturate_steps must be >= 0.")
+        if self.momentum_saturate_epochs and self.momentum_saturate_steps:
+            raise ValueError("Give the momentum ramp in epochs or in steps, not both "
+                             "(momentum_saturate_epochs, momentum_saturate_steps).")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}.")
-        check_positive(self, ("batch_size", "log_every", "checkpoint_every", "sample_every"))
+        config_lib.check_positive(self, ("batch_size", "num_epochs", "log_every",
+                                         "checkpoint_every", "sample_every"))
         for split in (self.train_split, self.eval_split):
             data.parse_split(split)
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval_every}.")
+        if self.eval.every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: no evaluation), got {self.eval.every}.")
 
 
-# Keys a rerun may change without starting a different run.
+# Keys a rerun may change without starting a different run (flag-style names).
 RESUMABLE_KEYS = ("num_steps", "num_epochs", "max_minutes", "log_every", "checkpoint_every",
                   "sample_every", "data_dir", "num_samples", "eval_every", "eval_num_samples",
-                  "eval_num_real", "eval_num_validation", "eval_parzen", "classifier_dir",
-                  "classifier_epochs", "classifier_min_steps")
+                  "eval_num_real", "eval_num_validation", "eval_is_splits", "eval_parzen",
+                  "eval_classifier_dir", "eval_classifier_epochs", "eval_classifier_min_steps")
 
 
-@flax.struct.dataclass
-class GANState:
-    step: jax.Array
-    g_params: Any
-    g_batch_stats: Any
-    d_params: Any
-    g_opt_state: Any
-    d_opt_state: Any
+def from_dict(values: dict[str, Any]) -> Config:
+    """The config stored as `common.config.to_dict(config)` (a run's config.json)."""
+    return Config(**{**values, "eval": evaluate.EvalConfig(**values.get("eval", {}))})
 
 
-def eval_config(config: Config) -> "evaluate.EvalConfig":
-    return evaluate.EvalConfig(num_samples=config.eval_num_samples, num_real=config.eval_num_real,
-                               num_validation=config.eval_num_validation, parzen=config.eval_parzen,
-                               classifier_dir=config.classifier_dir,
-                               classifier_epochs=config.classifier_epochs,
-                               classifier_min_steps=config.classifier_min_steps, seed=config.seed,
-                               train_split=config.train_split, test_split=config.eval_split)
+def steps_per_epoch(config: Config, num_examples: int) -> int:
+    """Training steps per pass over `num_examples` images: floor(N / (B k)), at least 1."""
+    return max(num_examples // (config.batch_size * config.d_steps), 1)
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
+def momentum_ramp_steps(config: Config, epoch_steps: int | None) -> int:
+    """Steps T of the momentum ramp: round(momentum_saturate_epochs * epoch_steps) when the ramp is
+    given in epochs, else momentum_saturate_steps; at least 1."""
+    if not config.momentum_saturate_epochs:
+        return max(config.momentum_saturate_steps, 1)
+    if epoch_steps is None:
+        raise ValueError("momentum_saturate_epochs needs the steps per epoch (the training "
+                         "split's size); pass steps_per_epoch.")
+    return max(round(config.momentum_saturate_epochs * epoch_steps), 1)
+
+
+def make_optimizer(config: Config, epoch_steps: int | None = None
+                   ) -> optax.GradientTransformation:
     """Adam (the tutorial: 1e-4, Keras epsilon) or SGD with momentum (the paper's code: lr 0.1,
-    momentum 0.5 rising linearly to 0.7, lr divided by 1.000004 after each update)."""
+    momentum 0.5 rising linearly to 0.7, lr divided by 1.000004 after each update).
+
+    SGD at update t (0-based): learning rate max(lr / lr_decay^t, min_learning_rate) and momentum
+    mu_0 + (mu_1 - mu_0) min(t / T, 1), T = `momentum_ramp_steps(config, epoch_steps)`;
+    `epoch_steps` (steps per epoch) is needed only for a ramp given in epochs.
+    """
     if config.optimizer == "adam":
         return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
                           eps=config.adam_eps)
@@ -139,15 +194,14 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
         config.learning_rate, transition_steps=1, decay_rate=1.0 / config.lr_decay,
         end_value=config.min_learning_rate or None)
     momentum = optax.linear_schedule(config.momentum, config.final_momentum,
-                                     max(config.momentum_saturate_steps, 1))
+                                     momentum_ramp_steps(config, epoch_steps))
     return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=momentum)
 
 
-def sample_noise(config: Config, key: jax.Array, batch: int) -> jax.Array:
-    if config.noise == "uniform":  # unit variance, as the paper's code's uniform option
-        return jax.random.uniform(key, (batch, config.noise_dim), minval=-jnp.sqrt(3.0),
-                                  maxval=jnp.sqrt(3.0))
-    return jax.random.normal(key, (batch, config.noise_dim))
+def make_networks(config: Config) -> networks.Networks:
+    """The run's networks, loss pair and noise."""
+    return networks.Networks(config.model, config.loss, config.gp_weight, config.noise,
+                             config.noise_dim)
 
 
 def root_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -162,57 +216,24 @@ def create_train_state(config: Config, key: jax.Array) -> GANState:
     g_key, d_key = jax.random.split(key)
     g_vars = generator.init(g_key, jnp.zeros((1, config.noise_dim)), train=False)
     d_vars = discriminator.init(d_key, jnp.zeros((1, *models.IMAGE_SHAPE)), train=False)
-    tx = make_optimizer(config)
+    tx = make_optimizer(config, epoch_steps=1)  # the state does not depend on the ramp's length
     return GANState(step=jnp.zeros((), jnp.int32), g_params=g_vars["params"],
                     g_batch_stats=g_vars.get("batch_stats", {}), d_params=d_vars["params"],
                     g_opt_state=tx.init(g_vars["params"]), d_opt_state=tx.init(d_vars["params"]))
 
 
-class Networks:
-    """The two networks as pure functions of their parameters (closures over the Flax modules)."""
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.generator, self.discriminator, self.value_range = models.get_models(config.model)
-
-    def generate(self, g_params, g_batch_stats, z, train: bool = True):
-        """G(z) and the generator's batch statistics after this pass."""
-        variables = {"params": g_params}
-        if g_batch_stats:
-            variables["batch_stats"] = g_batch_stats
-        if not train:
-            return self.generator.apply(variables, z, train=False), g_batch_stats
-        images_, updates = self.generator.apply(variables, z, train=True, mutable=["batch_stats"])
-        return images_, updates.get("batch_stats", g_batch_stats)
-
-    def discriminate(self, d_params, x, dropout_key):
-        """D's logits on x, in training mode (dropout on)."""
-        return self.discriminator.apply({"params": d_params}, x, train=True,
-                                        rngs={"dropout": dropout_key})
-
-    def discriminator_loss(self, d_params, real, fake, key):
-        """D's loss on one real and one fake minibatch; also returns both logits."""
-        loss_pair = losses.get_losses(self.config.loss)
-        k_real, k_fake, k_gp, k_eps = jax.random.split(key, 4)
-        real_logits = self.discriminate(d_params, real, k_real)
-        fake_logits = self.discriminate(d_params, fake, k_fake)
-        loss = loss_pair.discriminator(real_logits, fake_logits)
-        if loss_pair.gradient_penalty:
-            critic = lambda x: self.discriminate(d_params, x, k_gp)  # noqa: E731
-            loss = loss + self.config.gp_weight * losses.gradient_penalty(critic, real, fake, k_eps)
-        return loss, (real_logits, fake_logits)
-
-
-def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GANState, dict]]:
-    """Returns `train_step(state, real) -> (state, metrics)`, `real` of shape [k, B, 28, 28, 1]."""
-    nets = Networks(config)
+def make_train_step(config: Config, epoch_steps: int | None = None
+                    ) -> Callable[[GANState, jax.Array], tuple[GANState, dict]]:
+    """Returns `train_step(state, real) -> (state, metrics)`, `real` of shape [k, B, 28, 28, 1];
+    `epoch_steps`: steps per epoch, for a momentum ramp given in epochs (`make_optimizer`)."""
+    nets = make_networks(config)
     loss_pair = losses.get_losses(config.loss)
-    tx = make_optimizer(config)
+    tx = make_optimizer(config, epoch_steps)
     _, train_key, _ = root_keys(config.seed)
 
     def d_update(state: GANState, real, key):
         z_key, d_key = jax.random.split(key)
-        z = sample_noise(config, z_key, real.shape[0])
+        z = nets.sample_noise(z_key, real.shape[0])
         fake, g_batch_stats = nets.generate(state.g_params, state.g_batch_stats, z)
         grad_fn = jax.value_and_grad(nets.discriminator_loss, has_aux=True)
         (d_loss, (real_logits, fake_logits)), grads = grad_fn(
@@ -226,7 +247,7 @@ def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GAN
 
     def g_update(state: GANState, batch: int, key):
         z_key, d_key = jax.random.split(key)
-        z = sample_noise(config, z_key, batch)
+        z = nets.sample_noise(z_key, batch)
 
         def g_loss_fn(g_params):
             fake, g_batch_stats = nets.generate(g_params, state.g_batch_stats, z)
@@ -249,7 +270,7 @@ def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GAN
 
     def simultaneous_step(state: GANState, real):
         z_key, d_key = jax.random.split(jax.random.fold_in(train_key, state.step))
-        z = sample_noise(config, z_key, real.shape[1])
+        z = nets.sample_noise(z_key, real.shape[1])
 
         def both_losses(g_params, d_params):
             fake, g_batch_stats = nets.generate(g_params, state.g_batch_stats, z)
@@ -279,10 +300,10 @@ def make_train_step(config: Config) -> Callable[[GANState, jax.Array], tuple[GAN
     return sequential_step if config.schedule == "sequential" else simultaneous_step
 
 
-def jit_train_step(config: Config, mesh) -> Callable:
+def jit_train_step(config: Config, mesh, epoch_steps: int | None = None) -> Callable:
     """The train step compiled for `mesh`: state replicated, real batches sharded on axis 1."""
     replicated = parallel.replicated_sharding(mesh)
-    return jax.jit(make_train_step(config),
+    return jax.jit(make_train_step(config, epoch_steps),
                    in_shardings=(replicated, parallel.batch_sharding(mesh, axis=1)),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
 
@@ -312,13 +333,13 @@ def load_training_images(config: Config) -> np.ndarray:
 def num_train_steps(config: Config, num_examples: int) -> int:
     if config.num_steps is not None:
         return config.num_steps
-    return config.num_epochs * max(num_examples // (config.batch_size * config.d_steps), 1)
+    return config.num_epochs * steps_per_epoch(config, num_examples)
 
 
 def sample_images(config: Config, state: GANState) -> np.ndarray:
     """The generator (running batch-norm averages) on the run's fixed noise batch."""
-    nets = Networks(config)
-    z = sample_noise(config, root_keys(config.seed)[2], config.num_samples)
+    nets = make_networks(config)
+    z = nets.sample_noise(root_keys(config.seed)[2], config.num_samples)
     params, batch_stats = parallel.to_host((state.g_params, state.g_batch_stats))
     return np.asarray(nets.generate(params, batch_stats, z, train=False)[0])
 
@@ -346,8 +367,7 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     per_device = parallel.check_global_batch(config.batch_size, mesh)
     train_images = load_training_images(config)
     total_steps = num_train_steps(config, len(train_images))
-    checkpoints.claim_workdir(workdir, dataclasses.asdict(config), overwrite, RESUMABLE_KEYS,
-                              defaults=dataclasses.asdict(Config()))
+    config_dict = config_lib.to_dict(config)
     logging.info("GAN %s (%s loss, %s schedule, k=%d) on %s: %d training images, global batch "
                  "%d = %d devices x %d, %d processes; %d steps.", config.model, config.loss,
                  config.schedule, config.d_steps, config.dataset, len(train_images),
@@ -355,16 +375,12 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
                  total_steps)
 
     state = parallel.replicate(mesh, create_train_state(config, root_keys(config.seed)[0]))
-    with checkpoints.Checkpoints(workdir, config.checkpoint_every) as ckpts:
-        state, start_step = ckpts.restore_latest(state)
-        if start_step:
-            logging.info("Resumed from the checkpoint of step %d.", start_step)
-        writer = metrics.MetricWriter(workdir, resume_step=start_step)
-        try:
-            state, last_step = _train_loop(config, workdir, mesh, state, train_images, start_step,
-                                           total_steps, ckpts, writer)
-        finally:
-            writer.close()
+    with workdirs.claim(workdir, config_dict, overwrite, RESUMABLE_KEYS,
+                        defaults=config_lib.to_dict(Config()), num_steps=total_steps), \
+            checkpoints.resume(workdir, config.checkpoint_every, config_dict, state,
+                               config.log_every) as (ckpts, state, start_step, writer):
+        state, last_step = _train_loop(config, workdir, mesh, state, train_images, start_step,
+                                       total_steps, ckpts, writer)
     parallel.log_fingerprint(last_step, (state.g_params, state.d_params))
     if jax.process_index() == 0:
         logging.info("Done. Samples: %s  metrics: %s  checkpoints: %s",
@@ -379,7 +395,7 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
     """Steps `start_step` to `total_steps` (or to the checkpoint where `max_minutes` ran out):
     log, check for NaNs, checkpoint, draw samples. Returns the state and its step."""
     progress = metrics.Progress(total_steps, start_step, config.batch_size * config.d_steps)
-    train_step = jit_train_step(config, mesh)
+    train_step = jit_train_step(config, mesh, steps_per_epoch(config, len(train_images)))
     pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
     start_time = time.monotonic()
     done = start_step
@@ -394,15 +410,16 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
             row = pending.fetch(done)[-1]
             if is_log:
                 writer.write(done, {**row, **progress.log(done, row)})
-        if config.eval_every and done % config.eval_every == 0 and jax.process_index() == 0:
-            result = evaluate.evaluate_state(config, state, done, eval_config(config))
+        if config.eval.every and done % config.eval.every == 0 and jax.process_index() == 0:
+            result = evaluate_run(config, state, done, config.eval)
             logging.info("Evaluation at step %d:\n%s", done, evaluate.describe(result))
-            writer.write(done, evaluate.flat_metrics(result))
+            writer.write(done, pending.check(done, evaluate.flat_metrics(result)))
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             pending.checkpointed(done)
         out_of_time = (is_checkpoint and config.max_minutes and done < total_steps
-                       and parallel.agree(time.monotonic() - start_time > 60 * config.max_minutes))
+                       and parallel.agree(workdirs.out_of_time(start_time, config.max_minutes,
+                                                          time.monotonic())))
         if jax.process_index() == 0 and (out_of_time
                                          or metrics.due(done, config.sample_every, total_steps)):
             writer.flush()
@@ -412,4 +429,34 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
                          "command continues from this checkpoint.", done, total_steps,
                          config.max_minutes)
             break
+        ckpts.stop_if_preempted(done, state)
     return state, done
+
+
+def evaluate_run(config: Config, state: GANState, step: int, eval_config: evaluate.EvalConfig,
+                 seed: int | None = None) -> dict[str, Any]:
+    """`gan.evaluate.evaluate_state` of the generator of `state` against the run's dataset and
+    splits; `seed` (default: the run's) draws the samples and the Parzen validation images."""
+    return evaluate.evaluate_state(make_networks(config), state, step, eval_config,
+                                   config.dataset, config.data_dir, config.train_split,
+                                   config.eval_split, config.seed if seed is None else seed)
+
+
+def evaluate_workdir(workdir: str, eval_config: evaluate.EvalConfig, seed: int = 0
+                     ) -> dict[str, Any]:
+    """Evaluates the latest checkpoint of the run in `workdir` against the run's own dataset and
+    splits (`evaluate_run`); writes `workdir/eval.json`."""
+    config_path = os.path.join(workdir, workdirs.CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir} holds no GAN run ({workdirs.CONFIG_FILE} missing); "
+                                "train one first with `python -m launch.gan --workdir=...`.")
+    config = from_dict(workdirs.read_json(config_path))
+    template = create_train_state(config, jax.random.PRNGKey(0))
+    with checkpoints.Checkpoints(workdir, save_every=1) as ckpts:
+        state, step = ckpts.restore_latest(template)
+    if step == 0:
+        raise FileNotFoundError(f"{workdir} has no readable checkpoint in "
+                                f"{os.path.join(workdir, 'checkpoints')}; nothing to evaluate.")
+    result = evaluate_run(config, state, step, eval_config, seed)
+    evaluate.write_result(workdir, result)
+    return result

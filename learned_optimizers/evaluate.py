@@ -1,16 +1,17 @@
 """Evaluation of a learned optimizer against tuned baselines on held-out tasks.
 
-For every optimizer (the LSTM and the baselines of `baselines.py`, each baseline's learning rate
-tuned on validation tasks) the loss f(θ_t) is recorded along t = 0 .. max(horizons) on test tasks:
-fresh quadratics, or fresh initialisations of the MLP trained on the held-out split. Reported per
-horizon h: the mean, median and log10-mean (mean of log10 f) of f(θ_h) over test tasks; the ratio
-of the LSTM's mean to Adam's, and each optimizer's rank by mean (1 = lowest). Results go to
-`eval.json`, learning curves (mean over tasks, log scale) to `learning_curves[_<family>].png`.
+`compare_with_baselines`: for every optimizer (the LSTM and the baselines of `baselines.py`, each
+baseline's learning rate tuned on validation tasks) the loss f(θ_t) is recorded along
+t = 0 .. max(horizons) on test tasks: fresh quadratics, or fresh initialisations of the MLP trained
+on the held-out split. Reported per horizon h: the mean, median and log10-mean (mean of log10 f)
+of f(θ_h) over test tasks; the ratio of the LSTM's mean to Adam's, and each optimizer's rank by
+mean (1 = lowest). `write_results` writes them to `eval.json`, `plot` the learning curves (mean
+over tasks, log scale). The validation and test tasks are drawn with `eval_keys`, the same for
+every meta-training seed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -18,10 +19,17 @@ import jax
 import numpy as np
 import optax
 
-from common import images
-from learned_optimizers import baselines, meta_train, tasks
+from common import images, metrics
+from learned_optimizers import baselines, tasks
 
 EVAL_FILE = "eval.json"
+
+
+def eval_keys(eval_seed: int, num_validation: int, num_test: int) -> tuple[jax.Array, jax.Array]:
+    """Keys of the validation tasks (model and learning-rate selection) and of the test tasks."""
+    validation_key, test_key = jax.random.split(jax.random.PRNGKey(10_000 + eval_seed))
+    return (jax.random.split(validation_key, num_validation),
+            jax.random.split(test_key, num_test))
 
 
 def loss_curves(tx: optax.GradientTransformation, family: tasks.TaskFamily, keys: jax.Array,
@@ -71,35 +79,24 @@ def plot(path: str, curves: Mapping[str, np.ndarray], title: str) -> str:
                               logy=True)
 
 
-def evaluate_target(config: meta_train.Config, meta_params, family_name: str,
-                    workdir: str | None = None) -> dict[str, Any]:
-    """Tunes the baselines on validation tasks of `family_name`, evaluates all on test tasks."""
-    validation_keys, test_keys = meta_train.eval_keys(config.eval_seed, config.num_validation_tasks,
-                                                      config.num_test_tasks)
-    validation_family = meta_train.make_family(config, "train", family_name)
-    test_family = meta_train.make_family(config, "test", family_name)
-    learning_rates = baselines.tune(validation_family, validation_keys, config.horizon)
-    optimizers = {"lstm": meta_train.make_optimizer(config, meta_params),
+def compare_with_baselines(learned: optax.GradientTransformation,
+                           validation_family: tasks.TaskFamily, test_family: tasks.TaskFamily,
+                           validation_keys: jax.Array, test_keys: jax.Array, tuning_horizon: int,
+                           horizons: Sequence[int]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Tunes the baselines' learning rates for `tuning_horizon` steps on the validation tasks, then
+    runs them and the `learned` optimizer on the test tasks: (curves, results)."""
+    learning_rates = baselines.tune(validation_family, validation_keys, tuning_horizon)
+    optimizers = {"lstm": learned,
                   **{n: baselines.with_learning_rate(n, lr) for n, lr in learning_rates.items()}}
-    horizons = sorted(set(config.eval_horizons))
+    horizons = sorted(set(horizons))
     curves, stats = evaluate_family(optimizers, test_family, test_keys, horizons)
-    if workdir is not None:
-        suffix = "" if family_name == config.task else f"_{family_name}"
-        plot(os.path.join(workdir, f"learning_curves{suffix}.png"), curves,
-             f"{family_name}: {len(test_keys)} test tasks (LSTM meta-trained on {config.task})")
-    return {"learning_rates": learning_rates, "stats": stats,
-            "comparison": compare(stats, horizons), "num_test_tasks": int(len(test_keys))}
+    return curves, {"learning_rates": learning_rates, "stats": stats,
+                    "comparison": compare(stats, horizons), "num_test_tasks": int(len(test_keys))}
 
 
-def evaluate_run(config: meta_train.Config, meta_params, workdir: str) -> dict[str, Any]:
-    """Evaluates φ on the config's family and transfer targets; writes `eval.json`."""
-    results = {"task": config.task,
-               "families": {name: evaluate_target(config, meta_params, name, workdir)
-                            for name in (config.task, *config.transfer_tasks)}}
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, EVAL_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
-    return results
-
+def write_results(workdir: str, results: Mapping[str, Any]) -> str:
+    """Writes `results` to `<workdir>/eval.json` (process 0 only); returns the path."""
+    path = os.path.join(workdir, EVAL_FILE)
+    if jax.process_index() == 0:  # a diverged optimizer's loss is a result: null
+        metrics.write_json(path, results, non_finite="null")
+    return path

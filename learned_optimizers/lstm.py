@@ -7,7 +7,8 @@ meta-parameters φ, each coordinate carrying its own recurrent state s_i:
     o_i, s_i' = m(x_i, s_i; φ)                         (two LSTM layers, then a linear output)
     u_i       = scale · o_i,      θ_i ← θ_i + u_i      (the update optax adds to the parameter)
 
-One LSTM layer with input x, hidden state h and cell c (σ the logistic function, ⊙ elementwise):
+One LSTM layer (`common.lstm.lstm_cell`) with input x, hidden state h and cell c (σ the logistic
+function, ⊙ elementwise):
 
     [i, f, g, o] = x W_x + h W_h + b
     c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),       h' = σ(o) ⊙ tanh(c')
@@ -21,8 +22,13 @@ Preprocessing (the paper's appendix), with p = 10:
 
 or the identity ρ(g) = g (the paper's quadratic experiments), selected by `preprocessing`.
 
-`lstm_optimizer(meta_params)` is an `optax.GradientTransformation` on any parameter pytree: its state
-holds (h, c) of both layers for every coordinate, a pytree shaped like the parameters with two
+With `block_size` = B > 0 the network runs on blocks of B coordinates of a parameter tensor at a
+time (`blocked_network`, `lax.map`), each block rematerialised in the backward pass: the same
+function and the same derivatives, but a block's gate activations stay in the CPU's cache instead
+of being written to memory for all coordinates at once and read back by the backward pass.
+
+`lstm_optimizer(meta_params)` is an `optax.GradientTransformation` on any parameter pytree: its
+state holds (h, c) of both layers for every coordinate, a pytree shaped like the parameters with two
 trailing axes [num_layers, hidden_size]. `save` / `load` write and read the meta-parameters and the
 settings needed to rebuild the optimizer as one `.npz` file.
 """
@@ -36,13 +42,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
+
+from common import lstm as common_lstm
 
 PREPROCESSING = ("log_sign", "identity")
 INPUT_SIZE = {"log_sign": 2, "identity": 1}
 LOG_SIGN_P = 10.0
 
 
-def preprocess(grads: jax.Array, preprocessing: str = "log_sign", p: float = LOG_SIGN_P) -> jax.Array:
+def preprocess(grads: jax.Array, preprocessing: str = "log_sign",
+               p: float = LOG_SIGN_P) -> jax.Array:
     """The LSTM's input per coordinate: shape grads.shape + (INPUT_SIZE[preprocessing],)."""
     if preprocessing == "identity":
         return grads[..., None]
@@ -61,7 +71,8 @@ def init_meta_params(key: jax.Array, preprocessing: str = "log_sign", hidden_siz
     """φ: per layer W_x [in, 4H], W_h [H, 4H] ~ N(0, 1/fan_in), b [4H] = 0 but forget bias 1;
     output w [H] ~ N(0, output_init_scale² / H), b = 0."""
     sizes = [INPUT_SIZE[preprocessing]] + [hidden_size] * (num_layers - 1)
-    shapes = [s for size in sizes for s in ((size, 4 * hidden_size), (hidden_size, 4 * hidden_size))]
+    shapes = [s for size in sizes
+              for s in ((size, 4 * hidden_size), (hidden_size, 4 * hidden_size))]
     noise = jax.random.normal(key, (sum(a * b for a, b in shapes) + hidden_size,))
     pieces = jnp.split(noise, np.cumsum([a * b for a, b in shapes]))
     params = {}
@@ -77,24 +88,38 @@ def init_meta_params(key: jax.Array, preprocessing: str = "log_sign", hidden_siz
     return params
 
 
-def lstm_cell(layer: dict[str, jax.Array], x: jax.Array, h: jax.Array, c: jax.Array):
-    """One LSTM layer on a batch of coordinates: x [N, in], h and c [N, H] -> (h', c')."""
-    gates = x @ layer["w_x"] + h @ layer["w_h"] + layer["b"]
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
-
-
 def network(meta_params: dict[str, Any], x: jax.Array, h: jax.Array, c: jax.Array):
     """m(x, s; φ) on N coordinates: x [N, in], h and c [N, L, H] -> (output [N], h', c')."""
     new_h, new_c = [], []
     inputs = x
     for layer in range(h.shape[-2]):
-        inputs, cell = lstm_cell(meta_params[f"layer{layer}"], inputs, h[:, layer], c[:, layer])
+        inputs, cell = common_lstm.lstm_cell(meta_params[f"layer{layer}"], inputs, h[:, layer],
+                                             c[:, layer])
         new_h.append(inputs)
         new_c.append(cell)
     output = inputs @ meta_params["output"]["w"] + meta_params["output"]["b"]
     return output, jnp.stack(new_h, axis=1), jnp.stack(new_c, axis=1)
+
+
+def pad_to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """[N, ...] -> [ceil(N / B), B, ...], zero rows appended."""
+    pad = (-x.shape[0]) % block_size
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(-1, block_size, *x.shape[1:])
+
+
+def blocked_network(meta_params: dict[str, Any], x: jax.Array, h: jax.Array, c: jax.Array,
+                    block_size: int):
+    """`network` computed B = `block_size` coordinates at a time, each block under
+    `jax.checkpoint`: equal values, and derivatives equal up to the order of summation of the
+    per-coordinate terms of ∂/∂φ. Leaves of at most B coordinates go through `network` whole."""
+    n = x.shape[0]
+    if n <= block_size:
+        return network(meta_params, x, h, c)
+    block = jax.checkpoint(lambda args: network(meta_params, *args))
+    out, new_h, new_c = jax.lax.map(block, tuple(pad_to_blocks(a, block_size) for a in (x, h, c)))
+    unblock = lambda a: a.reshape(-1, *a.shape[2:])[:n]  # noqa: E731
+    return unblock(out), unblock(new_h), unblock(new_c)
 
 
 class LSTMOptimizerState(NamedTuple):
@@ -109,8 +134,10 @@ def num_layers_and_hidden(meta_params: dict[str, Any]) -> tuple[int, int]:
 
 
 def lstm_optimizer(meta_params: dict[str, Any], scale: float = 1.0,
-                   preprocessing: str = "log_sign") -> optax.GradientTransformation:
-    """The learned optimizer: updates u = scale · m(ρ(g), s; φ), coordinate by coordinate."""
+                   preprocessing: str = "log_sign",
+                   block_size: int = 0) -> optax.GradientTransformation:
+    """The learned optimizer: updates u = scale · m(ρ(g), s; φ), coordinate by coordinate;
+    `block_size` > 0 computes m by `blocked_network`."""
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"Unknown preprocessing {preprocessing!r}; choose one of {PREPROCESSING}.")
     in_size = meta_params["layer0"]["w_x"].shape[0]
@@ -125,9 +152,11 @@ def lstm_optimizer(meta_params: dict[str, Any], scale: float = 1.0,
 
     def update_leaf(g, h, c):
         x = preprocess(jnp.reshape(g, (-1,)), preprocessing)
-        out, h2, c2 = network(meta_params, x.astype(h.dtype), h.reshape(-1, layers, hidden),
-                              c.reshape(-1, layers, hidden))
-        return (scale * out).reshape(g.shape).astype(g.dtype), h2.reshape(h.shape), c2.reshape(c.shape)
+        args = (meta_params, x.astype(h.dtype), h.reshape(-1, layers, hidden),
+                c.reshape(-1, layers, hidden))
+        out, h2, c2 = blocked_network(*args, block_size) if block_size else network(*args)
+        update = (scale * out).reshape(g.shape).astype(g.dtype)
+        return update, h2.reshape(h.shape), c2.reshape(c.shape)
 
     def update(grads, state, params=None):
         del params
@@ -143,9 +172,10 @@ def lstm_optimizer(meta_params: dict[str, Any], scale: float = 1.0,
 
 def save(path: str, meta_params: dict[str, Any], scale: float = 1.0,
          preprocessing: str = "log_sign") -> str:
-    """Writes φ and the optimizer's settings to one `.npz` file; returns its path."""
-    flat = {"/".join(str(k.key) for k in keys): np.asarray(v)
-            for keys, v in jax.tree_util.tree_flatten_with_path(meta_params)[0]}
+    """Writes φ and the optimizer's settings to one `.npz` file (one array per leaf, named by its
+    '/'-joined path); returns its path."""
+    flat = {name: np.asarray(v)
+            for name, v in traverse_util.flatten_dict(meta_params, sep="/").items()}
     settings = json.dumps({"scale": float(scale), "preprocessing": preprocessing})
     with open(path, "wb") as f:
         np.savez(f, __settings__=np.asarray(settings), **flat)
@@ -153,19 +183,13 @@ def save(path: str, meta_params: dict[str, Any], scale: float = 1.0,
 
 
 def load(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reads a `save`d file: (meta_params, settings), so `lstm_optimizer(meta_params, **settings)`."""
+    """Reads a `save`d file: (meta_params, settings), so that
+    `lstm_optimizer(meta_params, **settings)` rebuilds the optimizer."""
     with np.load(path) as archive:
         settings = json.loads(str(archive["__settings__"]))
-        meta_params: dict[str, Any] = {}
-        for name in archive.files:
-            if name == "__settings__":
-                continue
-            *outer, leaf = name.split("/")
-            node = meta_params
-            for key in outer:
-                node = node.setdefault(key, {})
-            node[leaf] = jnp.asarray(archive[name])
-    return meta_params, settings
+        flat = {name: jnp.asarray(archive[name]) for name in archive.files
+                if name != "__settings__"}
+    return traverse_util.unflatten_dict(flat, sep="/"), settings
 
 
 def load_optimizer(path: str) -> optax.GradientTransformation:

@@ -13,8 +13,10 @@ closed over so that compiled functions do not embed them as constants.
   mlp_relu (ReLU instead of sigmoid).
 
 `unroll(tx, family, ...)` trains a task for a number of steps with an optax transformation inside
-`lax.scan` and returns the loss f(θ_t) at every step: the one loop shared by meta-training, the
-baselines and evaluation.
+`lax.scan` and returns the loss f(θ_t) at every step, evaluated before the step's update: the one
+loop shared by meta-training, the baselines and evaluation. `scored_unroll` returns instead the
+losses after each update, f(θ_{s+1}) .. f(θ_{s+K}) for an unroll of K steps from step s: the terms
+of the meta-objective, every update credited.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def mlp_family(images: np.ndarray, labels: np.ndarray, variant: str = "mlp",
         logits = model.apply({"params": params}, images_[idx])
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels_[idx]).mean()
 
-    return TaskFamily(variant, sample, loss, (jnp.asarray(features), jnp.asarray(labels, jnp.int32)))
+    data = (jnp.asarray(features), jnp.asarray(labels, jnp.int32))
+    return TaskFamily(variant, sample, loss, data)
 
 
 DATA_SPLITS = ("train_test", "test_halves")
@@ -197,10 +200,31 @@ def unroll(tx: optax.GradientTransformation, family: TaskFamily, traj: Trajector
     return traj._replace(params=params, opt_state=opt_state), losses
 
 
+def loss_at(family: TaskFamily, traj: Trajectory, step: jax.Array | int, data: Any) -> jax.Array:
+    """f(θ) of the trajectory's current parameters on the minibatch of step `step`,
+    fold_in(key, step): the value `unroll` reports when it reaches that step."""
+    return family.loss(traj.params, traj.task, jax.random.fold_in(traj.key, step), data)
+
+
+def scored_unroll(tx: optax.GradientTransformation, family: TaskFamily, traj: Trajectory,
+                  num_steps: int, first_step: jax.Array | int = 0, data: Any = None,
+                  second_order: bool = True) -> tuple[Trajectory, jax.Array]:
+    """`unroll` from step s = `first_step` for K = `num_steps` steps, scored after each update:
+    returns (trajectory, [f(θ_{s+1}), ..., f(θ_{s+K})]), f(θ_t) on minibatch t.
+
+    These are the terms of the meta-objective Σ_{t=1..T} f(θ_t): each depends on φ through the
+    update just made (f(θ_s) does not, under truncation), and the last unroll of a horizon ends
+    with f(θ_T). Costs one loss evaluation more than `unroll`.
+    """
+    data = family.data if data is None else data
+    traj, losses = unroll(tx, family, traj, num_steps, first_step, data, second_order)
+    final = loss_at(family, traj, first_step + num_steps, data)
+    return traj, jnp.append(losses[1:], final)
+
+
 def learning_curve(tx: optax.GradientTransformation, family: TaskFamily, key: jax.Array,
                    num_steps: int, data: Any = None) -> jax.Array:
     """f(θ_t) for t = 0 .. num_steps of a fresh task trained by `tx` (num_steps + 1 values)."""
     data = family.data if data is None else data
     traj, losses = unroll(tx, family, start(tx, family, key), num_steps, 0, data)
-    final = family.loss(traj.params, traj.task, jax.random.fold_in(traj.key, num_steps), data)
-    return jnp.append(losses, final)
+    return jnp.append(losses, loss_at(family, traj, num_steps, data))

@@ -15,7 +15,7 @@ with w the one-hot vector of the last step (MAML) or MAML++'s multi-step weights
 differentiates F through the inner gradients; first-order MAML treats ∇_θ L_S as a constant
 (`stop_gradient`), so ∂F/∂θ is the query gradient at the adapted parameters.
 
-Inner learning rates (`MetaConfig.learn_inner_lr`):
+Inner learning rates (`MetaConfig.learn_lr`):
 * "none" -- MAML: one fixed scalar α for every parameter and step;
 * "per_parameter" -- Meta-SGD (Li et al., 2017): α has the shape of θ and is meta-learned;
 * "per_layer_per_step" -- MAML++ LSLR (Antoniou et al., 2019): one learned α per tensor and step.
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from common import config as config_lib
 from common import parallel
 
 Params = Any
@@ -50,23 +51,33 @@ TASK_BATCHING = ("auto", "vmap", "unrolled", "map")
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
-    inner_steps: int = 1
-    inner_lr: float = 0.01
+    """The inner loop and the meta-objective (MAML's `Config.inner`: flags `--inner_<field>`).
+
+    Attributes:
+        steps: Inner gradient steps per task in meta-training.
+        lr: Inner learning rate α (its initial value when it is learned).
+        first_order: First-order MAML: the inner gradients are constants of the meta-gradient.
+        learn_lr: Which inner learning rates are meta-learned: none (MAML, one fixed α),
+            per_parameter (Meta-SGD), per_layer_per_step (MAML++ LSLR).
+        multi_step_loss: MAML++ multi-step loss: the query loss after every inner step, with
+            annealed weights.
+        multi_step_anneal_steps: Meta-iterations over which the multi-step weights reach the last
+            step.
+        task_batching: How the meta-batch's tasks are computed (same numbers): auto (vmap), vmap,
+            unrolled (a Python loop over tasks), map (lax.map).
+    """
+    steps: int = 1
+    lr: float = 0.01
     first_order: bool = False
-    learn_inner_lr: str = "none"
-    multi_step_loss: bool = False  # MAML++: query loss after every inner step, annealed weights
-    multi_step_anneal_steps: int = 10_000  # meta-iterations over which the weights reach the last
-    task_batching: str = "auto"
+    learn_lr: str = config_lib.choice("none", LEARN_INNER_LR)
+    multi_step_loss: bool = False
+    multi_step_anneal_steps: int = 10_000
+    task_batching: str = config_lib.choice("auto", TASK_BATCHING)
 
     def validate(self) -> None:
-        if self.inner_steps < 1:
-            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}.")
-        if self.learn_inner_lr not in LEARN_INNER_LR:
-            raise ValueError(f"Unknown learn_inner_lr {self.learn_inner_lr!r}; choose one of "
-                             f"{', '.join(LEARN_INNER_LR)}.")
-        if self.task_batching not in TASK_BATCHING:
-            raise ValueError(f"Unknown task_batching {self.task_batching!r}; choose one of "
-                             f"{', '.join(TASK_BATCHING)}.")
+        config_lib.check_choices(self)
+        if self.steps < 1:
+            raise ValueError(f"inner steps must be >= 1, got {self.steps}.")
 
 
 class Learner(NamedTuple):
@@ -124,20 +135,20 @@ def adapt(params: Params, support: Batch, loss_fn: Callable[[Params, Batch], jax
 
 
 def init_inner_lr(config: MetaConfig, fast: Params):
-    """α as stored in the meta-parameters for `config.learn_inner_lr`."""
-    if config.learn_inner_lr == "per_parameter":
-        return jax.tree.map(lambda p: jnp.full_like(p, config.inner_lr), fast)
-    if config.learn_inner_lr == "per_layer_per_step":
-        return jax.tree.map(lambda p: jnp.full((config.inner_steps,), config.inner_lr, p.dtype),
+    """α as stored in the meta-parameters for `config.learn_lr`."""
+    if config.learn_lr == "per_parameter":
+        return jax.tree.map(lambda p: jnp.full_like(p, config.lr), fast)
+    if config.learn_lr == "per_layer_per_step":
+        return jax.tree.map(lambda p: jnp.full((config.steps,), config.lr, p.dtype),
                             fast)
-    return jnp.asarray(config.inner_lr, jax.tree.leaves(fast)[0].dtype)
+    return jnp.asarray(config.lr, jax.tree.leaves(fast)[0].dtype)
 
 
 def inner_lr_schedule(config: MetaConfig, inner_lr) -> Callable[[int], Any]:
     """Step index -> α_i, from the stored α. A fixed α gets no gradient."""
-    if config.learn_inner_lr == "per_layer_per_step":
+    if config.learn_lr == "per_layer_per_step":
         return lambda i: jax.tree.map(lambda a: a[i], inner_lr)
-    if config.learn_inner_lr == "none":
+    if config.learn_lr == "none":
         fixed = jax.lax.stop_gradient(inner_lr)
         return lambda i: fixed
     return lambda i: inner_lr
@@ -153,7 +164,7 @@ def step_weights(config: MetaConfig, meta_step) -> jax.Array:
     MAML++: uniform 1/S at meta-step 0; the non-final weights decay linearly to a floor of 0.03/S at
     `multi_step_anneal_steps`, the final weight taking the rest (they always sum to 1).
     """
-    steps = config.inner_steps
+    steps = config.steps
     if not config.multi_step_loss or steps == 1:
         return jax.nn.one_hot(steps - 1, steps)
     progress = jnp.clip(jnp.asarray(meta_step, jnp.float32) / config.multi_step_anneal_steps, 0, 1)
@@ -169,11 +180,11 @@ def task_objective(meta_params: dict, task: dict, weights: jax.Array, learner: L
     path = adapt_path(meta_params["fast"], support,
                       lambda fast, batch: learner.support_loss(fast, slow, batch),
                       inner_lr_schedule(config, meta_params["inner_lr"]),
-                      config.inner_steps, config.first_order)
+                      config.steps, config.first_order)
     evaluated = path[1:] if config.multi_step_loss else path[-1:]
     losses = [learner.query_loss(fast, slow, support, query) for fast in evaluated]
     w = weights if config.multi_step_loss else jnp.ones((1,))
-    loss = sum(w[i] * l for i, (l, _) in enumerate(losses))
+    loss = sum(w[i] * value for i, (value, _) in enumerate(losses))
     return loss, losses[-1][1]
 
 
@@ -230,7 +241,8 @@ def create_meta_state(config: MetaConfig, fast: Params, slow: Params,
 
 def make_meta_step(learner: Learner, config: MetaConfig, optimizer: optax.GradientTransformation,
                    mesh) -> Callable[[MetaState, dict], tuple[MetaState, dict]]:
-    """`meta_step(state, tasks) -> (state, metrics)`, jitted and data-parallel over `mesh`.
+    """`meta_step(state, tasks) -> (state, metrics)`, data-parallel over `mesh` (not jitted: the
+    caller jits it with the shardings, `train.jit_train_step`).
 
     Tasks (leading axis) are sharded over the mesh axis `data`; each device computes the meta-
     gradient of its tasks with `config.task_batching`, the gradients are averaged across devices
@@ -260,16 +272,14 @@ def make_meta_step(learner: Learner, config: MetaConfig, optimizer: optax.Gradie
                           opt_state=opt_state)
         return state, {"meta_loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
-    replicated = parallel.replicated_sharding(mesh)
-    return jax.jit(meta_step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+    return meta_step
 
 
 def test_time_lr(config: MetaConfig, inner_lr) -> Callable[[int], Any]:
-    """α_i at test time, where more steps than trained may run: steps beyond `inner_steps` reuse
+    """α_i at test time, where more steps than trained may run: steps beyond `steps` reuse
     the last learned per-step rate (MAML++)."""
     schedule = inner_lr_schedule(config, inner_lr)
-    return lambda i: schedule(min(i, config.inner_steps - 1))
+    return lambda i: schedule(min(i, config.steps - 1))
 
 
 def adapt_and_evaluate(meta_params: dict, task: dict, learner: Learner, config: MetaConfig,

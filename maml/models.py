@@ -1,4 +1,5 @@
-"""The paper's networks, and their split into adapted (fast) and meta-learned-only (slow) parameters.
+"""The paper's networks, and their split into adapted (fast) and meta-learned-only (slow)
+parameters.
 
 * `MLP`: sinusoid regression, 1 -> 40 -> 40 -> 1 with ReLU.
 * `Conv4`: Omniglot, four blocks of [3x3 convolution, 64 filters, stride 2 -> batch norm -> ReLU],

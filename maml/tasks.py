@@ -11,12 +11,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
+from common import omniglot
 from maml import core, models
 
 TRAIN_STREAM, TEST_STREAM, SPLIT_STREAM = 0, 1, 2
 ROTATIONS = 4  # every rotation by 90 degrees of a character is a class of its own
 TRAIN_CHARACTERS = 1200  # the paper's split: 1200 characters to meta-train, the rest (423) to test
+SPLITS = ("random", "alphabets")
+# Lake et al. (2015): the alphabets of images_background.zip (964 characters) and of
+# images_evaluation.zip (659 characters).
+BACKGROUND_ALPHABETS = (
+    "Alphabet_of_the_Magi", "Anglo-Saxon_Futhorc", "Arcadian", "Armenian",
+    "Asomtavruli_(Georgian)", "Balinese", "Bengali", "Blackfoot_(Canadian_Aboriginal_Syllabics)",
+    "Braille", "Burmese_(Myanmar)", "Cyrillic", "Early_Aramaic", "Futurama", "Grantha", "Greek",
+    "Gujarati", "Hebrew", "Inuktitut_(Canadian_Aboriginal_Syllabics)", "Japanese_(hiragana)",
+    "Japanese_(katakana)", "Korean", "Latin", "Malay_(Jawi_-_Arabic)", "Mkhedruli_(Georgian)",
+    "N_Ko", "Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)", "Tagalog",
+    "Tifinagh")
+EVALUATION_ALPHABETS = (
+    "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez", "Glagolitic",
+    "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian",
+    "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti", "Syriac_(Serto)", "Tengwar", "Tibetan",
+    "ULOG")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,6 +125,32 @@ def character_split(num_characters: int, seed: int,
     return np.sort(order[:num_train]), np.sort(order[num_train:])
 
 
+def alphabet_split(alphabets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) character indices by alphabet (Lake et al. 2015): the characters of the 30
+    background alphabets to train on, those of the 20 evaluation alphabets to test on.
+    `alphabets`: each character's alphabet name, as the original archives spell it."""
+    unknown = sorted(set(alphabets.tolist()) - set(BACKGROUND_ALPHABETS)
+                     - set(EVALUATION_ALPHABETS))
+    if unknown:
+        raise ValueError(f"split=alphabets needs the original Omniglot archives' alphabet names; "
+                         f"unknown: {', '.join(unknown[:5])}. Pass --data_dir with "
+                         "images_background.zip and images_evaluation.zip.")
+    background = np.isin(alphabets, BACKGROUND_ALPHABETS)
+    return np.flatnonzero(background), np.flatnonzero(~background)
+
+
+def split_characters(alphabets: np.ndarray, split: str, seed: int,
+                     num_train: int = TRAIN_CHARACTERS) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) character indices of `split`: "random" (`character_split`: `num_train`
+    characters chosen by `seed`, ignoring alphabets -- Finn et al.) or "alphabets"
+    (`alphabet_split`; `seed` and `num_train` unused)."""
+    if split == "alphabets":
+        return alphabet_split(alphabets)
+    if split == "random":
+        return character_split(len(alphabets), seed, num_train)
+    raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+
+
 def episodes(images: np.ndarray, seed: int, step: int, num_tasks: int, ways: int, shots: int,
              queries: int, stream: int = TRAIN_STREAM, rotate: bool = True) -> dict:
     """A meta-batch of N-way K-shot episodes from `images` (uint8 [characters, drawings, H, W]).
@@ -114,9 +158,10 @@ def episodes(images: np.ndarray, seed: int, step: int, num_tasks: int, ways: int
     Per task: `ways` distinct characters, each shown in one random rotation by r x 90 degrees when
     `rotate` (so every rotation of a character is a class of its own, as in the paper's code; one
     episode never holds two rotations of a character), and for each class `shots + queries`
-    distinct drawings, the first `shots` in the support set and the others in the query set. Labels 0..ways-1 follow the (random) class
-    order. x is float32 [T, ways * n, H, W, 1] in [0, 1] (ink = 1), class-major; y is int32.
-    All indexing is vectorised; no Python work per image.
+    distinct drawings, the first `shots` in the support set and the others in the query set.
+    Labels 0..ways-1 follow the (random) class order. x is float32 [T, ways * n, H, W, 1] in
+    [0, 1] (ink = 1), class-major; y is int32. All indexing is vectorised; no Python work per
+    image.
     """
     num_characters, num_drawings = images.shape[:2]
     if ways > num_characters:
@@ -128,7 +173,8 @@ def episodes(images: np.ndarray, seed: int, step: int, num_tasks: int, ways: int
     rng = np.random.default_rng([seed, stream, step])
     character = np.argsort(rng.random((num_tasks, num_characters)), axis=1)[:, :ways]
     rotation = rng.integers(0, ROTATIONS if rotate else 1, (num_tasks, ways))
-    drawings = np.argsort(rng.random((num_tasks, ways, num_drawings)), axis=2)[..., :shots + queries]
+    drawings = np.argsort(rng.random((num_tasks, ways, num_drawings)),
+                          axis=2)[..., :shots + queries]
     x = images[character[..., None], drawings]  # [T, ways, shots + queries, H, W]
     for r in range(1, ROTATIONS):
         chosen = rotation == r
@@ -149,3 +195,56 @@ def episodes(images: np.ndarray, seed: int, step: int, num_tasks: int, ways: int
 def task_slice(tasks: dict, index: int) -> dict:
     """Task `index` of a meta-batch."""
     return jax.tree.map(lambda a: a[index], tasks)
+
+
+# ------------------------------------------------------------------------------------------------
+# The task source of a run
+
+
+class TaskSource:
+    """Meta-batches of one task family as pure functions of (step): training tasks and held-out
+    test tasks. `dataset` "sinusoid" or "omniglot" (loaded from `data_dir`, its characters split
+    per `split_characters`: `split` "random" by `seed` into `train_characters` to meta-train on
+    and the rest to test, or "alphabets" by alphabet).
+
+    `train_ways` / `train_queries` (None: `ways` / `queries`): classes and query examples per
+    class of the training episodes (Prototypical Networks train with more ways than they test).
+    `data`: the Omniglot characters to use instead of loading them (e.g. synthetic ones).
+    """
+
+    def __init__(self, dataset: str, seed: int, ways: int, shots: int, queries: int,
+                 rotate: bool = True, data_dir: str | None = None, cache_dir: str | None = None,
+                 train_characters: int = TRAIN_CHARACTERS, split: str = "random",
+                 train_ways: int | None = None, train_queries: int | None = None,
+                 data: omniglot.Omniglot | None = None):
+        self.dataset, self.seed, self.ways, self.shots, self.queries = (dataset, seed, ways,
+                                                                         shots, queries)
+        self.rotate = rotate
+        self.train_ways, self.train_queries = train_ways or ways, train_queries or queries
+        self.train_images = self.test_images = None
+        if dataset == "omniglot":
+            data = data or omniglot.load_omniglot(data_dir, cache_dir)
+            train, test = split_characters(data.alphabets, split, seed, train_characters)
+            self.train_images, self.test_images = data.images[train], data.images[test]
+            logging.info("Omniglot from %s: %d characters, %d to meta-train, %d to test (%s "
+                         "split).", data.source, data.num_characters, len(train), len(test),
+                         split)
+
+    def batch(self, step: int, num_tasks: int, stream: int = TRAIN_STREAM,
+              shots: int | None = None, queries: int | None = None,
+              ways: int | None = None) -> dict:
+        shots = shots or self.shots
+        queries = queries or self.queries
+        if self.dataset == "sinusoid":
+            return sinusoid_tasks(self.seed, step, num_tasks, shots, queries, stream)[0]
+        images = self.train_images if stream == TRAIN_STREAM else self.test_images
+        return episodes(images, self.seed, step, num_tasks, ways or self.ways, shots, queries,
+                        stream, self.rotate)
+
+    def local_train_batch(self, step: int, num_tasks: int) -> dict:
+        """This process's share of the `num_tasks` training tasks of meta-batch `step`
+        (`train_ways`-way, `train_queries` queries per class)."""
+        share = num_tasks // jax.process_count()
+        full = self.batch(step, num_tasks, queries=self.train_queries, ways=self.train_ways)
+        lo = jax.process_index() * share
+        return jax.tree.map(lambda a: a[lo:lo + share], full)

@@ -5,18 +5,36 @@ The policy emits one decision at a time. At step t the input is the embedding of
 step t-1 (a learned start vector at t = 0); a stack of LSTM cells updates its state, and a head of
 decision t maps the top hidden state to logits over that decision's choices:
 
-    x_0 = s,  x_t = E[a_{t-1}],  h_t = LSTM(x_t, h_{t-1}),  pi(a_t | a_<t) = softmax(W_t h_t + b_t).
+    x_0 = s,  x_t = E[a_{t-1}],  h_t = LSTM(x_t, h_{t-1}),  z_t = (W_t h_t + b_t) / T,
+    pi(a_t | a_<t) = softmax(c tanh(z_t))   (softmax(z_t) when c = 0),
+
+with temperature T and tanh constant c as in ENAS (Pham et al. 2018: T = 5, c = 2.5).
 
 Heads are stored padded to the largest number of choices with the padding masked out, so one
 `lax.scan` unrolls every space. All weights start uniform in [-init_range, init_range].
 
 REINFORCE with a moving-average baseline and an entropy bonus. For a batch of m architectures with
-rewards r_k, transformed R_k = f(r_k) (`reward_transform`, e.g. r^3 as in the paper),
+rewards r_k, transformed R_k = f(r_k) (`reward_transform`, e.g. r^3 as in the paper), the
+advantage is A_k = (R_k - b) / s, and
 
-    loss(theta) = -1/m sum_k (R_k - b) log pi_theta(a_k) - beta * 1/m sum_k H(pi_theta(. | a_k,<t)),
+    loss(theta) = -1/m sum_k A_k log pi_theta(a_k) - beta * 1/m sum_k H(pi_theta(. | a_k,<t)),
 
-with H the sum over decisions of the per-step entropies along a_k, and b updated after each step
-as b <- d b + (1 - d) mean_k R_k (b starts at the first batch's mean). Adam minimises the loss.
+with H the sum over decisions of the per-step entropies along a_k. After each batch the baseline
+and the scale move as b <- d b + (1 - d) mean_k R_k and v <- d v + (1 - d) mean_k (R_k - b)^2
+(both start at the first batch's mean and mean square deviation). s = 1 (`normalize_advantages`
+off: the paper) or s = sqrt(v) + 1e-8 (on), which makes the update invariant to the reward's
+scale: accuracy as a fraction or in percent gives the same search.
+
+Each batch is used for `updates_per_step` Adam steps. With `ppo_clip` = eps > 0 the steps after
+the first are PPO's clipped objective (Schulman et al. 2017; Zoph et al. 2018 trained the NASNet
+controller with PPO): with rho_k = pi_theta(a_k) / pi_old(a_k),
+
+    loss(theta) = -1/m sum_k min(rho_k A_k, clip(rho_k, 1 - eps, 1 + eps) A_k) - beta * entropy,
+
+whose gradient at theta = theta_old is REINFORCE's; with eps = 0 every step is the REINFORCE loss.
+
+The LSTM cell is `common.lstm.lstm_cell`. The functions here are unjitted; `nas.train` jits the
+sampling (`jit_sample`) and the update (`jit_train_step`) once per (space, config, mesh).
 """
 
 from __future__ import annotations
@@ -31,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from common.config import check_choices, choice
+from common.lstm import lstm_cell
 from nas.search_space import SearchSpace
 
 REWARD_TRANSFORMS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -42,22 +62,51 @@ MASKED_LOGIT = -1e9
 
 @dataclasses.dataclass(frozen=True)
 class ControllerConfig:
+    """The controller and its REINFORCE update.
+
+    The defaults were chosen on NAS-Bench-Macro's tuning seeds (`benchmarks/nas_macro.py
+    --tune`). Zoph & Le's update is learning_rate 6e-4, entropy_weight 1e-4, reward_transform
+    cubed, normalize_advantages off, temperature 1, tanh_constant 0, updates_per_step 1.
+
+    Attributes:
+      hidden_size: Controller LSTM units per layer.
+      num_layers: Controller LSTM layers.
+      init_range: Controller weights start uniform in +-this.
+      learning_rate: Controller Adam learning rate.
+      entropy_weight: Weight of the policy-entropy bonus.
+      baseline_decay: Decay of the reward moving-average baseline (and scale), in [0, 1).
+      reward_transform: Transform of the reward in the policy gradient (cubed: Zoph & Le).
+      normalize_advantages: Divide the advantage by the moving root-mean-square deviation of
+        the reward from the baseline (scale-free rewards).
+      temperature: Logits are divided by this before the tanh (ENAS: 5).
+      tanh_constant: Logits are c * tanh(logits / temperature); 0 disables (ENAS: 2.5).
+      updates_per_step: Adam steps on each batch of architectures.
+      ppo_clip: PPO clip range eps of the steps after a batch's first; 0: plain REINFORCE.
+    """
     hidden_size: int = 35
     num_layers: int = 2
     init_range: float = 0.08
-    learning_rate: float = 6e-4
-    entropy_weight: float = 1e-4
-    baseline_decay: float = 0.95
-    reward_transform: str = "cubed"
+    learning_rate: float = 1e-2
+    entropy_weight: float = 0.3
+    baseline_decay: float = 0.8
+    reward_transform: str = choice("identity", REWARD_TRANSFORMS)
+    normalize_advantages: bool = True
+    temperature: float = 5.0
+    tanh_constant: float = 2.5
+    updates_per_step: int = 3
+    ppo_clip: float = 0.0
 
     def validate(self) -> None:
-        if self.reward_transform not in REWARD_TRANSFORMS:
-            raise ValueError(f"Unknown reward_transform {self.reward_transform!r}; choose one of "
-                             f"{', '.join(REWARD_TRANSFORMS)}.")
+        check_choices(self)
         if self.hidden_size < 1 or self.num_layers < 1:
             raise ValueError("The controller needs hidden_size >= 1 and num_layers >= 1.")
         if not 0.0 <= self.baseline_decay < 1.0:
             raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}.")
+        if self.temperature <= 0 or self.tanh_constant < 0 or self.ppo_clip < 0:
+            raise ValueError("The controller needs temperature > 0, tanh_constant >= 0 and "
+                             "ppo_clip >= 0.")
+        if self.updates_per_step < 1:
+            raise ValueError(f"updates_per_step must be >= 1, got {self.updates_per_step}.")
 
 
 @flax.struct.dataclass
@@ -66,15 +115,15 @@ class ControllerState:
     params: Any
     opt_state: Any
     baseline: jax.Array
+    variance: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
 def init_params(key: jax.Array, space: SearchSpace, config: ControllerConfig) -> dict:
     """Embeddings of every (decision, choice), the LSTM stack, and one head per decision."""
     h, n = config.hidden_size, space.num_choices
     shapes = {"start": (h,), "embedding": (sum(n), h),
               "head_w": (len(n), h, max(n)), "head_b": (len(n), max(n)),
-              "lstm": [{"wx": (h, 4 * h), "wh": (h, 4 * h), "b": (4 * h,)}
+              "lstm": [{"w_x": (h, 4 * h), "w_h": (h, 4 * h), "b": (4 * h,)}
                        for _ in range(config.num_layers)]}
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
     sizes = [int(np.prod(s)) for s in leaves]
@@ -82,15 +131,6 @@ def init_params(key: jax.Array, space: SearchSpace, config: ControllerConfig) ->
                               config.init_range)
     pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
     return jax.tree.unflatten(treedef, [x.reshape(s) for x, s in zip(pieces, leaves)])
-
-
-def lstm_cell(p: dict, x: jax.Array, state: tuple[jax.Array, jax.Array]):
-    """i, f, g, o = split(x Wx + h Wh + b); c' = s(f) c + s(i) tanh(g); h' = s(o) tanh(c')."""
-    h, c = state
-    i, f, g, o = jnp.split(x @ p["wx"] + h @ p["wh"] + p["b"], 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
-    return h, (h, c)
 
 
 def _space_tables(space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
@@ -101,8 +141,15 @@ def _space_tables(space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
     return offsets, mask
 
 
+def policy_logits(raw: jax.Array, temperature: float, tanh_constant: float) -> jax.Array:
+    """c tanh(z / T), or z / T when c = 0."""
+    z = raw / temperature
+    return tanh_constant * jnp.tanh(z) if tanh_constant > 0 else z
+
+
 def unroll(params: dict, space: SearchSpace, batch_size: int, key: jax.Array | None = None,
-           actions: jax.Array | None = None):
+           actions: jax.Array | None = None, temperature: float = 1.0,
+           tanh_constant: float = 0.0):
     """Runs the policy over all decisions for a batch, sampling (`key`) or scoring (`actions`).
 
     Returns (actions [m, D] int32, log_prob [m], entropy [m]); log-probabilities and entropies are
@@ -125,10 +172,12 @@ def unroll(params: dict, space: SearchSpace, batch_size: int, key: jax.Array | N
         x, states = carry
         head_w, head_b, valid, offset, step_key, forced_action = xs
         new_states = []
-        for layer, state in zip(params["lstm"], states):
-            x, state = lstm_cell(layer, x, state)
-            new_states.append(state)
-        logits = jnp.where(valid, x @ head_w + head_b, MASKED_LOGIT)
+        for layer, (h, c) in zip(params["lstm"], states):
+            h, c = lstm_cell(layer, x, h, c)
+            x = h
+            new_states.append((h, c))
+        logits = jnp.where(valid, policy_logits(x @ head_w + head_b, temperature, tanh_constant),
+                           MASKED_LOGIT)
         log_p = jax.nn.log_softmax(logits)
         if actions is None:
             action = jax.random.categorical(step_key, logits).astype(jnp.int32)
@@ -146,55 +195,90 @@ def unroll(params: dict, space: SearchSpace, batch_size: int, key: jax.Array | N
 
 
 def reinforce_loss(params: dict, actions: jax.Array, advantages: jax.Array, *,
-                   space: SearchSpace, entropy_weight: float):
-    """-mean(A_k log pi(a_k)) - beta mean(H_k); also returns (log_probs, entropies)."""
-    _, log_probs, entropies = unroll(params, space, actions.shape[0], actions=actions)
-    loss = -jnp.mean(advantages * log_probs) - entropy_weight * jnp.mean(entropies)
+                   space: SearchSpace, entropy_weight: float,
+                   old_log_probs: jax.Array | None = None, ppo_clip: float = 0.0,
+                   temperature: float = 1.0, tanh_constant: float = 0.0):
+    """-mean(A_k log pi(a_k)) - beta mean(H_k), or with `old_log_probs` and `ppo_clip` > 0 the
+    clipped surrogate -mean(min(rho_k A_k, clip(rho_k, 1 -+ eps) A_k)) - beta mean(H_k); also
+    returns (log_probs, entropies)."""
+    _, log_probs, entropies = unroll(params, space, actions.shape[0], actions=actions,
+                                     temperature=temperature, tanh_constant=tanh_constant)
+    if old_log_probs is None or ppo_clip <= 0:
+        surrogate = advantages * log_probs
+    else:
+        ratio = jnp.exp(log_probs - old_log_probs)
+        surrogate = jnp.minimum(ratio * advantages,
+                                jnp.clip(ratio, 1 - ppo_clip, 1 + ppo_clip) * advantages)
+    loss = -jnp.mean(surrogate) - entropy_weight * jnp.mean(entropies)
     return loss, (log_probs, entropies)
 
 
-class Controller:
-    """The policy's jitted functions for one (space, config); build with `get_controller`."""
-
-    def __init__(self, space: SearchSpace, config: ControllerConfig):
-        config.validate()
-        self.space, self.config = space, config
-        self.optimizer = optax.adam(config.learning_rate)
-        self.sample = jax.jit(self._sample, static_argnums=2)
-        self.update = jax.jit(self._update)
-        self.log_prob = jax.jit(lambda params, actions: unroll(
-            params, space, actions.shape[0], actions=actions)[1:])
-
-    def init(self, key: jax.Array) -> ControllerState:
-        params = init_params(key, self.space, self.config)
-        return ControllerState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=self.optimizer.init(params),
-                               baseline=jnp.zeros((), jnp.float32))
-
-    def _sample(self, params, key, batch_size: int):
-        """`batch_size` architectures [m, D] with their log-probabilities and entropies."""
-        return unroll(params, self.space, batch_size, key=key)
-
-    def _update(self, state: ControllerState, actions: jax.Array, rewards: jax.Array):
-        """One REINFORCE step on a batch of architectures and their (raw) rewards."""
-        transformed = REWARD_TRANSFORMS[self.config.reward_transform](rewards.astype(jnp.float32))
-        baseline = jnp.where(state.step == 0, jnp.mean(transformed), state.baseline)
-        advantages = transformed - baseline
-        loss_fn = functools.partial(reinforce_loss, space=self.space,
-                                    entropy_weight=self.config.entropy_weight)
-        (loss, (log_probs, entropies)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, actions, advantages)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        decay = self.config.baseline_decay
-        new_state = ControllerState(
-            step=state.step + 1, params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state, baseline=decay * baseline + (1 - decay) * jnp.mean(transformed))
-        return new_state, {"loss": loss, "baseline": baseline, "mean_reward": jnp.mean(rewards),
-                           "log_prob": jnp.mean(log_probs), "entropy": jnp.mean(entropies),
-                           "grad_norm": optax.tree.norm(grads)}
+def optimizer(config: ControllerConfig) -> optax.GradientTransformation:
+    return optax.adam(config.learning_rate)
 
 
-@functools.lru_cache(maxsize=32)
-def get_controller(space: SearchSpace, config: ControllerConfig) -> Controller:
-    """The controller of (space, config), compiled once per process."""
-    return Controller(space, config)
+def init_state(key: jax.Array, space: SearchSpace, config: ControllerConfig) -> ControllerState:
+    """Fresh parameters (`init_params`), Adam's state, step 0, baseline 0 and variance 1 (both
+    replaced by the first batch's)."""
+    params = init_params(key, space, config)
+    return ControllerState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optimizer(config).init(params),
+                           baseline=jnp.zeros((), jnp.float32),
+                           variance=jnp.ones((), jnp.float32))
+
+
+def sample(params: dict, key: jax.Array, *, space: SearchSpace, batch_size: int,
+           temperature: float = 1.0, tanh_constant: float = 0.0):
+    """`batch_size` architectures [m, D] with their log-probabilities and entropies."""
+    return unroll(params, space, batch_size, key=key, temperature=temperature,
+                  tanh_constant=tanh_constant)
+
+
+def log_prob(params: dict, actions: jax.Array, *, space: SearchSpace, temperature: float = 1.0,
+             tanh_constant: float = 0.0):
+    """(log_prob [m], entropy [m]) of the given architectures [m, D] under the policy."""
+    return unroll(params, space, actions.shape[0], actions=actions, temperature=temperature,
+                  tanh_constant=tanh_constant)[1:]
+
+
+def advantages(transformed: jax.Array, state: ControllerState, config: ControllerConfig):
+    """(A_k = (R_k - b) / s, b, v) for the transformed rewards R of a batch: the baseline b and
+    mean square deviation v in use (at step 0, the batch's own), s = sqrt(v) + 1e-8 when
+    normalizing, else 1."""
+    first = state.step == 0
+    baseline = jnp.where(first, jnp.mean(transformed), state.baseline)
+    variance = jnp.where(first, jnp.mean((transformed - baseline) ** 2), state.variance)
+    scale = jnp.sqrt(variance) + 1e-8 if config.normalize_advantages else 1.0
+    return (transformed - baseline) / scale, baseline, variance
+
+
+def update(state: ControllerState, actions: jax.Array, rewards: jax.Array, *,
+           space: SearchSpace, config: ControllerConfig):
+    """`updates_per_step` Adam steps on one batch of architectures and their (raw) rewards, then
+    the moving baseline and scale; metrics of the batch under the policy that sampled it."""
+    transformed = REWARD_TRANSFORMS[config.reward_transform](rewards.astype(jnp.float32))
+    adv, baseline, variance = advantages(transformed, state, config)
+    policy = dict(temperature=config.temperature, tanh_constant=config.tanh_constant)
+    old_log_probs, entropies = jax.lax.stop_gradient(log_prob(state.params, actions, space=space,
+                                                              **policy))
+    loss_fn = functools.partial(reinforce_loss, space=space, entropy_weight=config.entropy_weight,
+                                ppo_clip=config.ppo_clip, **policy)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    opt = optimizer(config)
+
+    def step(carry, _):
+        params, opt_state = carry
+        (loss, _), grads = grad_fn(params, actions, adv, old_log_probs=old_log_probs)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), (loss, optax.tree.norm(grads))
+
+    (params, opt_state), (losses, grad_norms) = jax.lax.scan(
+        step, (state.params, state.opt_state), jnp.arange(config.updates_per_step))
+    decay = config.baseline_decay
+    new_baseline = decay * baseline + (1 - decay) * jnp.mean(transformed)
+    new_variance = decay * variance + (1 - decay) * jnp.mean((transformed - baseline) ** 2)
+    new_state = ControllerState(step=state.step + 1, params=params, opt_state=opt_state,
+                                baseline=new_baseline, variance=new_variance)
+    return new_state, {"loss": losses[0], "baseline": baseline, "mean_reward": jnp.mean(rewards),
+                       "log_prob": jnp.mean(old_log_probs), "entropy": jnp.mean(entropies),
+                       "grad_norm": grad_norms[0]}

@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from common.data import CorruptDataError
+
 Architecture = tuple[int, ...]
 Objective = Callable[[Architecture], Any]
 
@@ -158,12 +160,16 @@ class MacroBenchmark:
 
     def __init__(self, data_dir: str | None = None):
         self.path = find_macro_file(data_dir)
-        with open(self.path) as f:
-            table = json.load(f)
+        try:
+            with open(self.path) as f:
+                table = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CorruptDataError(f"{self.path} is not valid JSON ({e}): damaged or truncated. "
+                                   "Download NAS-Bench-Macro again.") from None
         self.space = macro_space()
         if len(table) != self.space.size:
-            raise ValueError(f"{self.path} holds {len(table)} architectures; NAS-Bench-Macro has "
-                             f"{self.space.size}.")
+            raise CorruptDataError(f"{self.path} holds {len(table)} architectures; NAS-Bench-Macro "
+                                   f"has {self.space.size}. Download it again.")
         self.table = table
 
     @staticmethod

@@ -1,12 +1,14 @@
-"""Every launcher through preemption, on several devices and on several processes.
+"""Every launcher through preemption, damage, a second writer, several devices and processes.
 
 For each launcher a tiny run goes to `STEPS` steps on one device without interruption; then the
 same run is (a) killed with SIGKILL in the middle of writing a checkpoint chosen by the test's seed
-and run again, and (b) run by 2 processes of 2 simulated devices each through `jax.distributed`
-(gloo) up to an earlier checkpoint, which 1 process on 1 device restores to finish the run. Both
-must end with the uninterrupted run's parameters (compared through the fingerprint every launcher
-logs) and metrics: exactly for (a), to float tolerance for (b), whose reductions sum in another
-order over 4 devices.
+and run again; (b) run by 2 processes of 2 simulated devices each through `jax.distributed`
+(gloo) up to an earlier checkpoint, which 1 process on 1 device restores to finish the run;
+(c) sent SIGTERM once it holds its workdir (while a second run on the same workdir is refused),
+then run again; (d) rerun after its newest checkpoint was damaged. All must end with the
+uninterrupted run's parameters (compared through the fingerprint every launcher logs) and metrics:
+exactly for (a), (c) and (d), to float tolerance for (b), whose reductions sum in another order
+over 4 devices.
 """
 
 import dataclasses
@@ -14,11 +16,17 @@ import glob
 import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from common import metrics
-from tests.conftest import kill_when_exists, logged_fingerprint, run_processes, run_python
+from common import workdirs
+from tests.conftest import (REPO, kill_when_exists, logged_fingerprint, run_processes, run_python,
+                            subprocess_env)
 
 STEPS = 6
 CHECKPOINT_EVERY = 2
@@ -42,15 +50,16 @@ LAUNCHERS = {
         "--unroll_length=5", "--log_every=1", "--validate_every=2", "--num_validation_tasks=8",
         "--evaluate=false")),
     "maml": Launcher("launch.maml", (
-        "--dataset=sinusoid", "--shots=5", "--queries=5", "--batch_size=8", "--log_every=1",
+        "--dataset=sinusoid", "--shots=5", "--queries=5", "--meta_batch_size=8", "--log_every=1",
         "--eval_every=4", "--eval_episodes_during_training=8",
         "--evaluate=false")),
     "nas": Launcher("launch.nas", (
         "--algorithm=reinforce", "--architectures_per_step=1", "--controller_hidden_size=8",
-        "--controller_num_layers=1", "--learning_rate=0.05", "--space=cnn", "--dataset=digits",
-        "--num_layers=1", "--filter_sizes=3", "--num_filters=4", "--strides=1", "--strides=2",
-        "--batch_size=8", "--validation_size=200", "--final_num_steps=10", "--log_every=1",
-        "--num_steps=10"), steps_flag="budget"),
+        "--controller_num_layers=1", "--controller_learning_rate=0.05", "--space=cnn",
+        "--child_dataset=digits", "--num_layers=1", "--filter_sizes=1", "--filter_sizes=3",
+        "--num_filters=4", "--num_filters=8", "--strides=1", "--strides=2",
+        "--child_batch_size=8", "--child_validation_size=200", "--final_num_steps=10",
+        "--log_every=1", "--child_num_steps=10", "--max_proposals_factor=1"), steps_flag="budget"),
 }
 
 
@@ -113,3 +122,39 @@ def test_killed_sharded_and_multi_process_runs_end_like_an_uninterrupted_run(nam
     finished = run_python(command(launcher, shared, STEPS))
     assert resumed_step(finished.stderr) == STEPS - CHECKPOINT_EVERY
     assert float(logged_fingerprint(finished.stderr)) == pytest.approx(float(expected), rel=1e-5)
+
+    # (c) SIGTERM once the run holds its workdir (the process stopped meanwhile, so that a second
+    # run on the same workdir finds it alive and is refused); it saves at the next step boundary.
+    preempted = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, *command(launcher, preempted, STEPS)], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while not (preempted / workdirs.LOCK_FILE).exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+    second = run_python(command(launcher, preempted, STEPS), check=False)
+    assert second.returncode != 0
+    assert f"is in use by process {proc.pid}" in second.stderr.strip().splitlines()[-1]
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    stopped = re.findall(r"Stopped by SIGTERM after saving the checkpoint of step (\d+)", output)
+    assert stopped and 0 < int(stopped[0]) < STEPS, output[-3000:]
+    resumed = run_python(command(launcher, preempted, STEPS))
+    assert resumed_step(resumed.stderr) == int(stopped[0])
+    assert logged_fingerprint(resumed.stderr) == expected
+    assert metric_rows(preempted) == expected_rows
+
+    # (d) The newest checkpoint damaged: moved aside, the one before it resumed, saved again.
+    newest = max(int(n) for n in os.listdir(tmp_path / "straight" / "checkpoints") if n.isdigit())
+    files = glob.glob(str(tmp_path / "straight" / "checkpoints" / str(newest) / "state" / "**"
+                          / "d" / "*"), recursive=True)
+    os.truncate(max(files, key=os.path.getsize), 10)
+    rerun = run_python(command(launcher, tmp_path / "straight", STEPS))
+    assert f"checkpoints/{newest} is damaged" in rerun.stderr
+    assert resumed_step(rerun.stderr) == newest - CHECKPOINT_EVERY
+    assert logged_fingerprint(rerun.stderr) == expected
+    assert metric_rows(tmp_path / "straight") == expected_rows

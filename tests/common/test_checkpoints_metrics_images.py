@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common import checkpoints, images, metrics
+from common import checkpoints, images, metrics, workdirs
 
 
 def _state(value):
@@ -42,24 +42,27 @@ def test_no_checkpoint_gives_back_the_target(tmp_path):
     chex.assert_trees_all_equal(restored, _state(7))
 
 
+def claim(workdir, config, **kwargs):
+    with workdirs.claim(workdir, config, **kwargs):
+        pass
+
+
 def test_claim_workdir(tmp_path):
     workdir = str(tmp_path / "run")
-    checkpoints.claim_workdir(workdir, {"lr": 0.1, "num_steps": 10}, resumable_keys=["num_steps"])
-    checkpoints.claim_workdir(workdir, {"lr": 0.1, "num_steps": 20}, resumable_keys=["num_steps"])
-    with pytest.raises(checkpoints.WorkdirConflictError, match=r"lr: 0.1 -> 0.2.*--overwrite"):
-        checkpoints.claim_workdir(workdir, {"lr": 0.2, "num_steps": 20})
+    claim(workdir, {"lr": 0.1, "num_steps": 10}, resumable_keys=["num_steps"])
+    claim(workdir, {"lr": 0.1, "num_steps": 20}, resumable_keys=["num_steps"])
+    with pytest.raises(workdirs.WorkdirConflictError, match=r"lr: 0.1 -> 0.2.*--overwrite"):
+        claim(workdir, {"lr": 0.2, "num_steps": 20})
     open(os.path.join(workdir, "old_file"), "w").close()
-    checkpoints.claim_workdir(workdir, {"lr": 0.2, "num_steps": 20}, overwrite=True)
+    claim(workdir, {"lr": 0.2, "num_steps": 20}, overwrite=True)
     assert not os.path.exists(os.path.join(workdir, "old_file"))
     assert json.load(open(os.path.join(workdir, "config.json")))["lr"] == 0.2
     # A key added to the code after the run started counts as its default, and only as that.
-    checkpoints.claim_workdir(workdir, {"lr": 0.2, "num_steps": 20, "split": "train"},
-                              defaults={"split": "train"})
+    claim(workdir, {"lr": 0.2, "num_steps": 20, "split": "train"}, defaults={"split": "train"})
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump({"lr": 0.2, "num_steps": 20}, f)
-    with pytest.raises(checkpoints.WorkdirConflictError, match="split: 'train' -> 'test'"):
-        checkpoints.claim_workdir(workdir, {"lr": 0.2, "num_steps": 20, "split": "test"},
-                                  defaults={"split": "train"})
+    with pytest.raises(workdirs.WorkdirConflictError, match="split: 'train' -> 'test'"):
+        claim(workdir, {"lr": 0.2, "num_steps": 20, "split": "test"}, defaults={"split": "train"})
 
 
 def test_metric_writer_drops_rows_after_the_resumed_checkpoint(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from common import metrics
+from common import data, metrics
 from gan import classifier, evaluate
 from tests.conftest import run_python
 
@@ -15,7 +15,7 @@ TINY_FLAGS = ["--model=mlp", "--dataset=digits", "--batch_size=32", "--loss=mini
               "--schedule=sequential", "--optimizer=sgd_momentum", "--learning_rate=0.1",
               "--log_every=1", "--sample_every=1000"]
 TINY_EVAL = ["--eval_num_samples=300", "--eval_num_real=200", "--eval_num_validation=100",
-             "--classifier_epochs=3", "--classifier_min_steps=0"]
+             "--eval_classifier_epochs=3", "--eval_classifier_min_steps=0"]
 
 TINY_CLASSIFIER = classifier.ClassifierConfig(dataset="digits", epochs=3, min_steps=0)
 
@@ -119,7 +119,6 @@ def classifier_dir(tmp_path_factory):
 
 
 def test_classifier_features_separate_real_from_noise(classifier_dir):
-    from common import data
     clf = classifier.load_or_train(TINY_CLASSIFIER, classifier_dir)
     assert clf.info["test_accuracy"] > 0.8 and "train split" in clf.info["trained_on"]
     again = classifier.load_or_train(TINY_CLASSIFIER, classifier_dir)  # from the cache
@@ -139,13 +138,13 @@ def test_evaluate_only_writes_eval_json_and_refuses_a_workdir_without_checkpoint
     workdir = tmp_path / "run"
     run_python(["-m", "launch.gan", f"--workdir={workdir}", "--num_steps=2",
                 "--checkpoint_every=2", "--eval_every=2", "--eval_parzen=false",
-                f"--classifier_dir={classifier_dir}", *TINY_FLAGS, *TINY_EVAL])
+                f"--eval_classifier_dir={classifier_dir}", *TINY_FLAGS, *TINY_EVAL])
     during = [r for r in metrics.read_metrics(str(workdir)) if "eval_fid" in r]
     assert [r["step"] for r in during] == [2]
     assert {"eval_fid_logits", "eval_inception_score", "eval_inception_score_sd"} <= set(during[0])
     flags_before = (workdir / "flags.txt").read_text()
     run_python(["-m", "launch.gan", f"--workdir={workdir}", "--evaluate_only",
-                f"--classifier_dir={classifier_dir}", *TINY_EVAL])
+                f"--eval_classifier_dir={classifier_dir}", *TINY_EVAL])
     result = json.loads((workdir / "eval.json").read_text())
     assert result["step"] == 2 and result["dataset"] == "digits"
     assert (workdir / "flags.txt").read_text() == flags_before

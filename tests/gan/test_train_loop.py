@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from common import checkpoints, metrics
+from common import checkpoints, metrics, workdirs
+from common import config as config_lib
 from gan import train
 from tests.conftest import run_python
 
@@ -112,11 +113,12 @@ def test_a_workdir_of_another_configuration_is_refused(tmp_path):
     started = train.Config(model="mlp", dataset="digits", batch_size=32, loss="minimax",
                            schedule="sequential", optimizer="sgd_momentum", learning_rate=0.1,
                            log_every=1, sample_every=1000, num_steps=1)
-    checkpoints.claim_workdir(str(tmp_path), dataclasses.asdict(started))
+    with workdirs.claim(str(tmp_path), config_lib.to_dict(started)):
+        pass
     proc = run_python(["-m", "launch.gan", f"--workdir={tmp_path}", "--num_steps=1", *TINY_FLAGS,
                        "--loss=non_saturating"], check=False)
     assert proc.returncode != 0
-    assert "different configuration (loss: 'minimax' -> 'non_saturating')" in proc.stderr
+    assert "different configuration (loss: 'minimax' -> 'non_saturating'" in proc.stderr
     assert "--overwrite" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()  # nothing of the refused run was written
 

@@ -9,7 +9,8 @@ from learned_optimizers import baselines, tasks
 
 def scaled_quadratic_family(curvature: float) -> tasks.TaskFamily:
     """f(θ) = ||Wθ - y||² with W = sqrt(curvature / 2) I: gradient descent converges in one step
-    exactly at learning rate 1 / curvature, and the loss after T steps is (1 - lr·curvature)^2T f₀."""
+    exactly at learning rate 1 / curvature, and the loss after T steps is
+    (1 - lr·curvature)^2T f₀."""
     base = tasks.quadratic_family()
     w = jnp.sqrt(curvature / 2) * jnp.eye(10)
     return tasks.TaskFamily("scaled", lambda k: (base.sample(k)[0], (w, base.sample(k)[1][1])),

@@ -55,7 +55,8 @@ def test_scan_unroll_equals_python_loop_of_updates():
 
 
 def test_learning_curve_of_sgd_on_a_quadratic_is_the_closed_form():
-    # f(θ) = ||Wθ - y||² with W = I: θ_{t+1} = θ_t - 2 lr (θ_t - y), so θ_t - y = (1 - 2 lr)^t (θ_0 - y)
+    # f(θ) = ||Wθ - y||² with W = I: θ_{t+1} = θ_t - 2 lr (θ_t - y),
+    # so θ_t - y = (1 - 2 lr)^t (θ_0 - y)
     base = tasks.quadratic_family()
     family = tasks.TaskFamily("identity_quadratic",
                               lambda k: (base.sample(k)[0], (jnp.eye(10), base.sample(k)[1][1])),

@@ -62,7 +62,7 @@ def test_second_order_meta_gradient_equals_finite_differences(float64, steps):
     model, fast, slow, batch = tiny_mlp_problem(jnp.float64, num_tasks=1)
     task = tasks.task_slice(batch, 0)
     learner = tasks.regression_learner(model)
-    config = core.MetaConfig(inner_steps=steps, inner_lr=0.05)
+    config = core.MetaConfig(steps=steps, lr=0.05)
     meta_params = core.init_meta_params(config, fast, slow)
     grads, _, _ = core.meta_gradient(meta_params, batch, jnp.ones(1), learner, config)
     flat, unravel = jax.flatten_util.ravel_pytree(fast)
@@ -81,7 +81,7 @@ def test_first_order_equals_query_gradient_at_adapted_params(float64):
     model, fast, slow, batch = tiny_mlp_problem(jnp.float64, num_tasks=1)
     task = tasks.task_slice(batch, 0)
     learner = tasks.regression_learner(model)
-    config = core.MetaConfig(inner_steps=2, inner_lr=0.05, first_order=True)
+    config = core.MetaConfig(steps=2, lr=0.05, first_order=True)
     grads, _, _ = core.meta_gradient(core.init_meta_params(config, fast, slow), batch,
                                      jnp.ones(1), learner, config)
     loss = lambda p, b: jnp.mean((hand_mlp(p, b["x"]) - b["y"]) ** 2)  # noqa: E731
@@ -100,7 +100,7 @@ def test_meta_sgd_and_per_step_rates(float64):
     chex.assert_trees_all_close(core.adapt(fast, task["support"], loss, rates, 1),
                                 jax.tree.map(lambda p, a, gi: p - a * gi, fast, rates, g))
     # MAML++: α of step i applies at step i; the learned rates get the gradient of the query loss.
-    config = core.MetaConfig(inner_steps=2, inner_lr=0.05, learn_inner_lr="per_layer_per_step")
+    config = core.MetaConfig(steps=2, lr=0.05, learn_lr="per_layer_per_step")
     meta_params = core.init_meta_params(config, fast, slow)
     meta_params["inner_lr"] = jax.tree.map(lambda a: a * jnp.array([1.0, 2.0]),
                                            meta_params["inner_lr"])
@@ -115,17 +115,18 @@ def test_meta_sgd_and_per_step_rates(float64):
     bumped["inner_lr"]["head"]["bias"] = meta_params["inner_lr"]["head"]["bias"].at[1].add(eps)
     lowered = jax.tree.map(lambda x: x, meta_params)
     lowered["inner_lr"]["head"]["bias"] = meta_params["inner_lr"]["head"]["bias"].at[1].add(-eps)
-    fd = (core.task_objective(bumped, task, jnp.array([0.0, 1.0]), learner, config)[0]
-          - core.task_objective(lowered, task, jnp.array([0.0, 1.0]), learner, config)[0]) / (2 * eps)
+    weights = jnp.array([0.0, 1.0])
+    fd = (core.task_objective(bumped, task, weights, learner, config)[0]
+          - core.task_objective(lowered, task, weights, learner, config)[0]) / (2 * eps)
     np.testing.assert_allclose(grads["inner_lr"]["head"]["bias"][1], fd, rtol=1e-6)
     # A fixed α (plain MAML) receives no gradient.
-    plain = core.MetaConfig(inner_steps=1, inner_lr=0.05)
+    plain = core.MetaConfig(steps=1, lr=0.05)
     assert core.meta_gradient(core.init_meta_params(plain, fast, slow), batch, jnp.ones(1),
                               learner, plain)[0]["inner_lr"] == 0
 
 
 def test_multi_step_weights():
-    config = core.MetaConfig(inner_steps=4, multi_step_loss=True, multi_step_anneal_steps=100)
+    config = core.MetaConfig(steps=4, multi_step_loss=True, multi_step_anneal_steps=100)
     np.testing.assert_allclose(core.step_weights(config, 0), [0.25] * 4, rtol=1e-6)
     np.testing.assert_allclose(core.step_weights(config, 50), [0.125] * 3 + [0.625], rtol=1e-6)
     np.testing.assert_allclose(core.step_weights(config, 10**6), [0.0075] * 3 + [0.9775],
@@ -137,8 +138,8 @@ def test_multi_step_weights():
 def test_vmapped_meta_batch_equals_python_loop():
     model, fast, slow, batch = tiny_mlp_problem(num_tasks=4)
     learner = tasks.regression_learner(model)
-    config = core.MetaConfig(inner_steps=2, inner_lr=0.05, task_batching="vmap",
-                             learn_inner_lr="per_parameter")
+    config = core.MetaConfig(steps=2, lr=0.05, task_batching="vmap",
+                             learn_lr="per_parameter")
     meta_params = core.init_meta_params(config, fast, slow)
     grads, loss, _ = core.meta_gradient(meta_params, batch, jnp.ones(1), learner, config)
     one_task = jax.jit(jax.value_and_grad(
@@ -161,7 +162,7 @@ def test_every_task_batching_and_conv_impl_gives_the_same_meta_gradient():
                            ("patches", "vmap")):
         learner = tasks.classification_learner(
             models.Conv4(3, filters=4, blocks=2, conv_impl=impl))
-        config = core.MetaConfig(inner_steps=1, inner_lr=0.4, task_batching=strategy)
+        config = core.MetaConfig(steps=1, lr=0.4, task_batching=strategy)
         results[impl, strategy] = jax.jit(
             lambda mp, b, learner=learner, config=config: core.meta_gradient(
                 mp, b, jnp.ones(1), learner, config))(
@@ -207,3 +208,57 @@ def test_batch_norm_uses_batch_statistics_and_optional_support_rows():
     alone = query_loss(fast, slow, support, {"x": images[3:4], "y": jnp.array([0])})
     other = query_loss(fast, slow, support, {"x": images[4:], "y": jnp.array([1])})
     np.testing.assert_allclose(full[0], (alone[0] + other[0]) / 2, rtol=1e-5)
+
+
+def conv4_problem(dtype=jnp.float64):
+    """A 2-block Conv4 with non-zero batch-norm offsets, and one 3-way 2-shot episode."""
+    model = models.Conv4(3, filters=4, blocks=2)
+    fast, slow = models.init_split(model, jax.random.PRNGKey(2), jnp.zeros((1, 28, 28, 1)))
+    slow = jax.tree.map(lambda o: jnp.linspace(-0.5, 0.5, o.size).reshape(o.shape), slow)
+    fast, slow = jax.tree.map(lambda p: p.astype(dtype), (fast, slow))
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 28, 28), np.uint8)
+    batch = jax.tree.map(lambda a: jnp.asarray(a, dtype) if a.dtype.kind == "f" else a,
+                         tasks.episodes(images, 0, 0, num_tasks=1, ways=3, shots=2, queries=2))
+    return model, fast, slow, batch
+
+
+def test_conv4_inner_loop_leaves_batch_norm_offsets_and_meta_gradient_reaches_them(float64):
+    model, fast, slow, batch = conv4_problem()
+    assert sorted(slow) == ["norm_0", "norm_1"] and not any(k.startswith("norm") for k in fast)
+    learner = tasks.classification_learner(model)
+    task = tasks.task_slice(batch, 0)
+    support, query = task["support"], task["query"]
+    config = core.MetaConfig(steps=2, lr=0.4)
+    meta_params = core.init_meta_params(config, fast, slow)
+    # The support loss does depend on the offsets: adapting them would change them.
+    merged = models.merge_params(fast, slow)
+    full = jax.grad(lambda p: learner.support_loss(*models.split_params(p), support))(merged)
+    assert all(float(jnp.abs(full[f"norm_{i}"]["offset"]).max()) > 1e-4 for i in range(2))
+    # MAML's objective: θ_2 by two hand SGD steps on θ alone, scored with the original φ.
+    theta = fast
+    for _ in range(2):
+        theta = jax.tree.map(lambda p, g: p - 0.4 * g, theta,
+                             jax.grad(learner.support_loss)(theta, slow, support))
+    value, _ = core.task_objective(meta_params, task, jnp.ones(1), learner, config)
+    np.testing.assert_allclose(value, learner.query_loss(theta, slow, support, query)[0],
+                               rtol=1e-10)
+    # Had the inner loop adapted φ too, the objective would differ.
+    both = merged
+    for _ in range(2):
+        grads = jax.grad(lambda p: learner.support_loss(*models.split_params(p), support))(both)
+        both = jax.tree.map(lambda p, g: p - 0.4 * g, both, grads)
+    assert abs(float(value) - float(learner.query_loss(*models.split_params(both), support,
+                                                       query)[0])) > 1e-6
+    # The meta-gradient reaches every offset, equal to finite differences of the objective.
+    grads = core.meta_gradient(meta_params, batch, jnp.ones(1), learner, config)[0]["slow"]
+    eps = 1e-6
+    for name in ("norm_0", "norm_1"):
+        assert float(jnp.abs(grads[name]["offset"]).min()) > 0, name
+        for channel in (0, 3):
+            def objective(delta, name=name, channel=channel):
+                bumped = {**meta_params, "slow": {**meta_params["slow"], name: {
+                    "offset": meta_params["slow"][name]["offset"].at[channel].add(delta)}}}
+                return core.task_objective(bumped, task, jnp.ones(1), learner, config)[0]
+            fd = (objective(eps) - objective(-eps)) / (2 * eps)
+            np.testing.assert_allclose(grads[name]["offset"][channel], fd, rtol=1e-5,
+                                       atol=1e-9)

@@ -4,14 +4,17 @@ zip the test writes, and the sharded meta-step on 4 simulated devices."""
 import dataclasses
 import json
 import textwrap
+import zipfile
 
 import jax
 import numpy as np
 import pytest
 
-from common import checkpoints, metrics
-from maml import train
-from tests.conftest import run_python
+from common import checkpoints, metrics, omniglot, workdirs
+from maml import evaluate, tasks, train
+from maml.core import MetaConfig
+from maml.evaluate import EvalConfig
+from tests.conftest import run_python, shared_data
 from tests.maml.test_tasks import write_tiny_archive
 
 
@@ -27,10 +30,11 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
-SINUSOID = train.Config(dataset="sinusoid", shots=10, queries=10, batch_size=25, inner_lr=0.01,
-                        meta_lr=1e-3, test_inner_steps=1, eval_episodes=200,
-                        eval_episodes_during_training=50, baseline_steps=1500,
-                        log_every=500, checkpoint_every=1000, eval_every=1000)
+SINUSOID = train.Config(dataset="sinusoid", shots=10, queries=10, meta_batch_size=25,
+                        inner=MetaConfig(lr=0.01), meta_lr=1e-3,
+                        eval=EvalConfig(inner_steps=1, episodes=200, episodes_during_training=50,
+                                        baseline_steps=1500, every=1000),
+                        log_every=500, checkpoint_every=1000)
 
 
 def test_sinusoid_meta_training_beats_the_pretrained_baseline(tmp_path):
@@ -49,16 +53,16 @@ def test_sinusoid_meta_training_beats_the_pretrained_baseline(tmp_path):
 
 
 def final_params(workdir, config):
-    ckpts = checkpoints.Checkpoints(workdir, config.checkpoint_every)
-    state, step = ckpts.restore_latest(train.create_train_state(config, jax.random.PRNGKey(0)))
-    ckpts.close()
+    with checkpoints.Checkpoints(workdir, config.checkpoint_every) as ckpts:
+        state, step = ckpts.restore_latest(train.create_train_state(config, jax.random.PRNGKey(0)))
     return step, jax.tree.map(np.asarray, state.meta_params)
 
 
 def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path):
-    config = dataclasses.replace(SINUSOID, num_steps=8, checkpoint_every=3, log_every=1,
-                                 eval_every=100, eval_episodes=50, baseline_steps=2,
-                                 learn_inner_lr="per_parameter")
+    config = dataclasses.replace(
+        SINUSOID, num_steps=8, checkpoint_every=3, log_every=1,
+        inner=MetaConfig(lr=0.01, learn_lr="per_parameter"),
+        eval=dataclasses.replace(SINUSOID.eval, every=100, episodes=50, baseline_steps=2))
     train.train_and_evaluate(config, str(tmp_path / "straight"))
     train.train_and_evaluate(dataclasses.replace(config, num_steps=5), str(tmp_path / "resumed"))
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
@@ -69,8 +73,9 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path):
     rows_a = metrics.read_metrics(str(tmp_path / "straight"))
     rows_b = metrics.read_metrics(str(tmp_path / "resumed"))
     assert [r["meta_loss"] for r in rows_a] == [r["meta_loss"] for r in rows_b]
-    with pytest.raises(checkpoints.WorkdirConflictError, match="inner_lr"):
-        train.train_and_evaluate(dataclasses.replace(config, inner_lr=0.5),
+    with pytest.raises(workdirs.WorkdirConflictError, match="inner_lr"):
+        train.train_and_evaluate(dataclasses.replace(config, inner=dataclasses.replace(
+                                     config.inner, lr=0.5)),
                                  str(tmp_path / "straight"))
 
 
@@ -82,10 +87,11 @@ def test_omniglot_end_to_end_from_archives(tmp_path):
     write_tiny_archive(data_dir / "images_evaluation.zip", characters=(("Gamma", 3),),
                        drawings=4)
     config = train.Config(dataset="omniglot", data_dir=str(data_dir), cache_dir=str(tmp_path),
-                          ways=3, shots=1, queries=1, batch_size=2, filters=4, inner_lr=0.4,
-                          test_inner_steps=2, train_characters=6, num_steps=3, log_every=1,
-                          checkpoint_every=3, eval_every=3, eval_episodes=60,
-                          eval_episodes_during_training=10)
+                          ways=3, shots=1, queries=1, meta_batch_size=2, filters=4,
+                          inner=MetaConfig(lr=0.4), train_characters=6, num_steps=3,
+                          log_every=1, checkpoint_every=3,
+                          eval=EvalConfig(inner_steps=2, every=3, episodes=60,
+                                          episodes_during_training=10))
     train.train_and_evaluate(config, str(tmp_path / "run"))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     mean, ci = results["accuracy"]
@@ -98,22 +104,21 @@ def test_omniglot_end_to_end_from_archives(tmp_path):
 SHARDED_SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_num_cpu_devices", 4)
-    import jax.numpy as jnp, numpy as np
+    import numpy as np
     from jax.sharding import Mesh
     from common import parallel
-    from maml import core, models, tasks
+    from maml import core, tasks, train
 
     images = np.random.default_rng(0).integers(0, 256, (12, 4, 28, 28), np.uint8)
-    model = models.Conv4(3, filters=4, conv_impl="patches")
-    learner = tasks.classification_learner(model)
-    config = core.MetaConfig(inner_steps=1, inner_lr=0.4, learn_inner_lr="per_parameter")
-    optimizer = core.make_optimizer(1e-2)
+    config = train.Config(dataset="omniglot", ways=3, filters=4, conv_impl="patches",
+                          meta_lr=1e-2, inner=core.MetaConfig(steps=1, lr=0.4,
+                                                              learn_lr="per_parameter"))
+    learner = train.make_learner(config)
     finals = []
     for devices in (jax.devices()[:1], jax.devices()):
-        fast, slow = models.init_split(model, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
         mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
-        state = parallel.replicate(mesh, core.create_meta_state(config, fast, slow, optimizer))
-        step = core.make_meta_step(learner, config, optimizer, mesh)
+        state = parallel.replicate(mesh, train.create_train_state(config, jax.random.PRNGKey(0)))
+        step = train.jit_train_step(config, mesh, learner)
         for s in range(2):
             batch = parallel.shard_batch(mesh, tasks.episodes(images, 0, s, 4, 3, 1, 2))
             state, out = step(state, batch)
@@ -127,3 +132,98 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_sharded_meta_step_on_4_devices_equals_single_device():
     proc = run_python(["-c", SHARDED_SCRIPT], timeout=600)
     assert "SHARDED_OK" in proc.stdout
+
+
+def separable_omniglot(characters=20, drawings=6, seed=0) -> omniglot.Omniglot:
+    """Trivially separable "characters": each a random pattern of 7x7-pixel blocks, its drawings
+    that pattern with 2% of the pixels flipped."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.random((characters, 1, 4, 4)) < 0.5
+    pattern = np.kron(blocks, np.ones((1, 1, 7, 7), bool))
+    flips = rng.random((characters, drawings, 28, 28)) < 0.02
+    names = np.array([f"synthetic/character{c:02d}" for c in range(characters)])
+    return omniglot.Omniglot(((pattern ^ flips) * 255).astype(np.uint8),
+                             np.array(["synthetic"] * characters), names, "synthetic")
+
+
+def test_adaptation_takes_separable_episodes_from_chance_to_over_90_percent():
+    config = train.Config(dataset="omniglot", ways=5, shots=1, queries=3, filters=8,
+                          rotate=False, train_characters=10, inner=MetaConfig(lr=0.4),
+                          eval=EvalConfig(inner_steps=5))
+    source = tasks.TaskSource("omniglot", 0, 5, 1, 3, rotate=False, train_characters=10,
+                              data=separable_omniglot())
+    state = train.create_train_state(config, jax.random.PRNGKey(0))
+    results = evaluate.classification_results(
+        train.make_adapter(config, train.make_learner(config)), state.meta_params, source,
+        num_episodes=100, inner_steps=5)
+    before, ci = results["accuracy_vs_inner_steps"][0]
+    assert abs(before - 1 / 5) < max(2 * ci, 0.03), "un-adapted: labels are a random order"
+    after, _ = results["accuracy"]
+    assert after > 0.9, results["accuracy_vs_inner_steps"]
+
+
+def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, caplog):
+    config = dataclasses.replace(
+        SINUSOID, num_steps=8, checkpoint_every=3, log_every=1,
+        eval=dataclasses.replace(SINUSOID.eval, every=100, episodes=50, baseline_steps=2))
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    timed = dataclasses.replace(config, max_minutes=1e-9)  # out of time at every checkpoint
+    caplog.set_level("INFO")
+    for stop in (3, 6):
+        assert int(train.train_and_evaluate(timed, str(tmp_path / "timed")).step) == stop
+        assert f"Stopping after meta-iteration {stop} of 8: --max_minutes=1e-09" in caplog.text
+        assert not (tmp_path / "timed" / "results.json").exists(), "evaluated an unfinished run"
+    assert int(train.train_and_evaluate(timed, str(tmp_path / "timed")).step) == 8
+    assert (tmp_path / "timed" / "results.json").exists()
+    _, a = final_params(str(tmp_path / "straight"), config)
+    _, b = final_params(str(tmp_path / "timed"), config)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    rows_a = metrics.read_metrics(str(tmp_path / "straight"))
+    rows_b = metrics.read_metrics(str(tmp_path / "timed"))
+    assert [r["meta_loss"] for r in rows_a] == [r["meta_loss"] for r in rows_b]
+    assert workdirs.out_of_time(0.0, 1.0, 61.0) and not workdirs.out_of_time(0.0, 1.0, 59.0)
+    assert not workdirs.out_of_time(0.0, 0.0, 1e9), "0: no limit"
+
+
+def test_alphabet_split_trains_on_background_alphabets_and_is_recorded(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    background, evaluation = tasks.BACKGROUND_ALPHABETS, tasks.EVALUATION_ALPHABETS
+    write_tiny_archive(data_dir / "images_background.zip",
+                       characters=((background[0], 3), (background[5], 2)), drawings=4)
+    write_tiny_archive(data_dir / "images_evaluation.zip",
+                       characters=((evaluation[3], 3),), drawings=4)
+    data = omniglot.load_omniglot(str(data_dir), str(tmp_path))
+    source = tasks.TaskSource("omniglot", 0, 3, 1, 1, data_dir=str(data_dir),
+                              cache_dir=str(tmp_path), split="alphabets")
+    np.testing.assert_array_equal(source.train_images, data.images[:5])
+    np.testing.assert_array_equal(source.test_images, data.images[5:])
+    config = train.Config(dataset="omniglot", learner="protonet", split="alphabets",
+                          data_dir=str(data_dir), cache_dir=str(tmp_path), ways=3, train_ways=4,
+                          shots=1, queries=1, meta_batch_size=2, filters=4, num_steps=2,
+                          log_every=1, checkpoint_every=2,
+                          eval=EvalConfig(every=2, episodes=20, episodes_during_training=10))
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["split"] == "alphabets" and stored["train_ways"] == 4
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["ways"] == 3
+    with pytest.raises(ValueError, match="alphabet names"):
+        tasks.alphabet_split(np.array(["Latin", "train07"]))
+
+
+def test_the_real_archives_split_into_lakes_background_and_evaluation_sets():
+    counts = {}
+    for archive in omniglot.ARCHIVES:
+        with zipfile.ZipFile(shared_data("omniglot", archive)) as f:
+            counts[archive] = sorted({tuple(n.split("/")[1:3]) for n in f.namelist()
+                                      if n.endswith(".png")})
+    characters = counts["images_background.zip"] + counts["images_evaluation.zip"]
+    train_ids, test_ids = tasks.split_characters(np.array([a for a, _ in characters]),
+                                                 "alphabets", seed=0)
+    assert len(train_ids) == 964 and len(test_ids) == 659
+    np.testing.assert_array_equal(train_ids, np.arange(964))
+    assert len({characters[i][0] for i in train_ids}) == 30
+    assert len({characters[i][0] for i in test_ids}) == 20
+    random_train, random_test = tasks.split_characters(np.array([a for a, _ in characters]),
+                                                       "random", seed=0)
+    assert len(random_train) == 1200 and len(random_test) == 423

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from common import data
-from nas import child, search
+from nas import child, evaluate, train
+from nas import history as history_lib
 from nas.search_space import cnn_space
 from tests.conftest import run_python
 
@@ -98,15 +99,16 @@ def test_search_over_real_children(trainer, tmp_path):
     """Random search on a 1-layer space of tiny children, through the search loop."""
     space = cnn_space(1, filter_sizes=(3,), num_filters=(8,), strides=(1, 2))
     objective = child.ChildObjective(space, trainer)
-    config = search.Config(algorithm="random", budget=4, seed=1)
-    summary = search.train_and_evaluate(config, str(tmp_path), space=space, objective=objective)
-    history = search.read_history(str(tmp_path))
-    assert len(history) == 4
+    config = train.Config(algorithm="random", budget=4, seed=1)
+    summary = train.train_and_evaluate(config, str(tmp_path), space=space, objective=objective)
+    history = history_lib.read_history(str(tmp_path))
+    assert summary["evaluations"] == 2 == space.size  # the search ends with the space exhausted
+    assert len(history) == summary["proposals"] and not history[-1].cached
     for r in history:
         assert r.reward == r.info["validation_accuracy"]
         assert r.cached or r.info["train_s"] > 0
     assert summary["best"]["reward"] == max(r.reward for r in history)
-    final = objective.final_test(tuple(summary["best"]["architecture"]), 20)
+    final = evaluate.final_test(objective, tuple(summary["best"]["architecture"]), 20)
     assert 0.0 <= final["test_accuracy"] <= 1.0 and final["num_steps"] == 20
 
 

@@ -5,18 +5,45 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import parallel
 from nas import controller as controller_lib
+from nas import train
 from nas.search_space import SearchSpace
 
 SPACE = SearchSpace((("a", (0, 1)), ("b", ("x", "y", "z")), ("c", (1, 2, 3, 4))))
 CONFIG = controller_lib.ControllerConfig(hidden_size=8, num_layers=2, learning_rate=0.05)
 
 
+class Controller:
+    """The controller's functions for one (space, config), the update jitted as the search
+    jits it."""
+
+    def __init__(self, space, config):
+        self.space, self.config = space, config
+        self.train_step = train.jit_train_step(config, space, parallel.make_mesh())
+
+    def init(self, key):
+        return controller_lib.init_state(key, self.space, self.config)
+
+    def sample(self, params, key, batch_size):
+        return controller_lib.sample(params, key, space=self.space, batch_size=batch_size,
+                                     temperature=self.config.temperature,
+                                     tanh_constant=self.config.tanh_constant)
+
+    def log_prob(self, params, actions):
+        return controller_lib.log_prob(params, actions, space=self.space,
+                                       temperature=self.config.temperature,
+                                       tanh_constant=self.config.tanh_constant)
+
+    def update(self, state, actions, rewards):
+        return self.train_step(state, (actions, rewards))
+
+
 def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def numpy_log_prob(params, space, architecture):
+def numpy_log_prob(params, space, architecture, temperature=1.0, tanh_constant=0.0):
     """The policy's log-probability and entropy of one architecture, one decision at a time."""
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     hidden = p["start"].shape[0]
@@ -25,13 +52,15 @@ def numpy_log_prob(params, space, architecture):
     for t, (action, n) in enumerate(zip(architecture, space.num_choices)):
         for layer, cell in enumerate(p["lstm"]):
             h, c = states[layer]
-            z = x @ cell["wx"] + h @ cell["wh"] + cell["b"]
+            z = x @ cell["w_x"] + h @ cell["w_h"] + cell["b"]
             i, f, g, o = z[:hidden], z[hidden:2 * hidden], z[2 * hidden:3 * hidden], z[3 * hidden:]
             c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
             h = _sigmoid(o) * np.tanh(c)
             states[layer] = (h, c)
             x = h
-        logits = x @ p["head_w"][t][:, :n] + p["head_b"][t][:n]
+        logits = (x @ p["head_w"][t][:, :n] + p["head_b"][t][:n]) / temperature
+        if tanh_constant:
+            logits = tanh_constant * np.tanh(logits)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         log_prob += np.log(probs[action])
@@ -49,19 +78,23 @@ def test_init_is_uniform_in_init_range():
     assert abs(leaves.mean()) < 0.01
 
 
-def test_sampled_log_probs_equal_step_by_step_recomputation():
-    ctrl = controller_lib.get_controller(SPACE, CONFIG)
+@pytest.mark.parametrize("temperature,tanh_constant", [(1.0, 0.0), (5.0, 2.5)])
+def test_sampled_log_probs_equal_step_by_step_recomputation(temperature, tanh_constant):
+    ctrl = Controller(SPACE, CONFIG)
     state = ctrl.init(jax.random.PRNGKey(1))
     params = jax.tree.map(lambda x: x * 20, state.params)  # sharper than init, still finite
-    actions, log_probs, entropies = ctrl.sample(params, jax.random.PRNGKey(2), 16)
+    policy = dict(temperature=temperature, tanh_constant=tanh_constant)
+    actions, log_probs, entropies = controller_lib.sample(
+        params, jax.random.PRNGKey(2), space=SPACE, batch_size=16, **policy)
     actions = np.asarray(actions)
     assert all(SPACE.contains(a) for a in actions)
     assert len({tuple(a) for a in actions}) > 1
     for a, lp, ent in zip(actions, np.asarray(log_probs), np.asarray(entropies)):
-        want_lp, want_ent = numpy_log_prob(params, SPACE, a)
+        want_lp, want_ent = numpy_log_prob(params, SPACE, a, **policy)
         np.testing.assert_allclose(lp, want_lp, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ent, want_ent, rtol=1e-4, atol=1e-5)
-    scored_lp, scored_ent = ctrl.log_prob(params, jnp.asarray(actions))
+    scored_lp, scored_ent = controller_lib.log_prob(params, jnp.asarray(actions), space=SPACE,
+                                                    **policy)
     np.testing.assert_allclose(scored_lp, log_probs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scored_ent, entropies, rtol=1e-5, atol=1e-6)
 
@@ -71,7 +104,9 @@ ONE = SearchSpace((("only", ("bad", "good")),))
 
 ONE_CONFIG = controller_lib.ControllerConfig(hidden_size=4, num_layers=1, learning_rate=0.1,
                                             entropy_weight=0.0, baseline_decay=0.5,
-                                            reward_transform="cubed")
+                                            reward_transform="cubed", normalize_advantages=False,
+                                            temperature=1.0, tanh_constant=0.0,
+                                            updates_per_step=1)
 
 
 @jax.jit
@@ -85,7 +120,7 @@ def _probabilities(ctrl, params):
 
 
 def test_samples_follow_the_policy_distribution():
-    ctrl = controller_lib.get_controller(ONE, ONE_CONFIG)
+    ctrl = Controller(ONE, ONE_CONFIG)
     params = ctrl.init(jax.random.PRNGKey(3)).params
     params["head_b"] = jnp.array([[1.0, -1.0]])
     p = _probabilities(ctrl, params)
@@ -96,7 +131,7 @@ def test_samples_follow_the_policy_distribution():
 
 
 def test_reinforce_gradient_matches_softmax_formula_and_moves_toward_better_choice():
-    ctrl = controller_lib.get_controller(ONE, ONE_CONFIG)
+    ctrl = Controller(ONE, ONE_CONFIG)
     state = ctrl.init(jax.random.PRNGKey(5))
     actions = jnp.array([[0], [1], [1], [0]])
     rewards = jnp.array([0.0, 1.0, 1.0, 0.0])
@@ -115,7 +150,7 @@ def test_reinforce_gradient_matches_softmax_formula_and_moves_toward_better_choi
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_entropy_bonus_sign(sign):
-    ctrl = controller_lib.get_controller(ONE, ONE_CONFIG)
+    ctrl = Controller(ONE, ONE_CONFIG)
     params = {**ctrl.init(jax.random.PRNGKey(6)).params, "head_b": jnp.array([[0.5, -0.5]])}
     actions, no_advantage = jnp.array([[0], [1]]), jnp.zeros(2)
     entropy = lambda params: float(ctrl.log_prob(params, actions)[1][0])  # noqa: E731
@@ -125,7 +160,7 @@ def test_entropy_bonus_sign(sign):
 
 
 def test_baseline_is_exponential_moving_average_of_transformed_rewards():
-    ctrl = controller_lib.get_controller(ONE, ONE_CONFIG)  # decay 0.5, cubed rewards
+    ctrl = Controller(ONE, ONE_CONFIG)  # decay 0.5, cubed rewards
     state = ctrl.init(jax.random.PRNGKey(7))
     actions = jnp.array([[0], [1]])
     state, m0 = ctrl.update(state, actions, jnp.array([0.5, 1.0]))
@@ -140,3 +175,65 @@ def test_baseline_is_exponential_moving_average_of_transformed_rewards():
 def test_unknown_reward_transform_is_an_error():
     with pytest.raises(ValueError, match="reward_transform"):
         controller_lib.ControllerConfig(reward_transform="squared").validate()
+
+
+THREE = SearchSpace((("only", ("a", "b", "c")),))
+
+
+@pytest.mark.parametrize("config", [
+    controller_lib.ControllerConfig(hidden_size=4, num_layers=1),  # the defaults
+    ONE_CONFIG,  # the paper's update: cubed rewards, no normalisation, one step
+], ids=["defaults", "paper"])
+def test_update_moves_probability_toward_above_baseline_and_away_from_below(config):
+    """Rewards all positive, 0.90 for `a` and 0.95 for `b`, `c` unsampled: against the baseline
+    (the batch mean at the first step) `a` is below and loses probability, `b` gains. Without
+    the baseline every sampled choice would gain at the expense of `c`, `a` included."""
+    ctrl = Controller(THREE, config)
+    state = ctrl.init(jax.random.PRNGKey(8))
+    choices = jnp.array([[0], [1], [2]])
+    before = np.exp(np.asarray(ctrl.log_prob(state.params, choices)[0]))
+    state, _ = ctrl.update(state, jnp.array([[0], [1]]), jnp.array([0.90, 0.95]))
+    after = np.exp(np.asarray(ctrl.log_prob(state.params, choices)[0]))
+    assert after[0] < before[0] - 1e-4 and after[1] > before[1] + 1e-4, (before, after)
+    # a later batch judged against the moving baseline (now between 0.90 and 0.95): `b` at
+    # 0.93, above it, gains
+    state, metrics = ctrl.update(state, jnp.array([[1], [1]]), jnp.array([0.93, 0.93]))
+    transform = controller_lib.REWARD_TRANSFORMS[config.reward_transform]
+    assert float(transform(0.90)) < float(metrics["baseline"]) < float(transform(0.93))
+    assert np.exp(float(ctrl.log_prob(state.params, choices)[0][1])) > after[1]
+
+
+def test_normalized_update_is_invariant_to_the_reward_scale():
+    """Accuracy as a fraction or in percent: the same parameters after the same batches."""
+    config = controller_lib.ControllerConfig(hidden_size=4, num_layers=1,
+                                             reward_transform="identity")
+    ctrl = Controller(SPACE, config)
+    states = [ctrl.init(jax.random.PRNGKey(9))] * 2
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        actions = jnp.asarray(np.stack([rng.integers(n, size=6) for n in SPACE.num_choices], 1))
+        rewards = rng.uniform(0.5, 0.9, 6)
+        states = [ctrl.update(state, actions, jnp.asarray(scale * rewards))[0]
+                  for state, scale in zip(states, (1.0, 100.0))]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6),
+                 states[0].params, states[1].params)
+
+
+def test_ppo_steps_are_clipped_and_the_first_equals_reinforce():
+    """Gradient of the clipped surrogate: REINFORCE's at rho = 1, zero for a positive advantage
+    once rho > 1 + eps (and for a negative one once rho < 1 - eps)."""
+    ctrl = Controller(ONE, ONE_CONFIG)
+    params = {**ctrl.init(jax.random.PRNGKey(10)).params, "head_b": jnp.array([[0.3, -0.2]])}
+    actions = jnp.array([[0], [1]])
+    log_probs = ctrl.log_prob(params, actions)[0]
+
+    def grad(old, advantages, clip):
+        return jax.grad(controller_lib.reinforce_loss, has_aux=True)(
+            params, actions, jnp.asarray(advantages), space=ONE, entropy_weight=0.0,
+            old_log_probs=old, ppo_clip=clip)[0]["head_b"]
+
+    reinforce = grad(None, [1.0, -1.0], 0.0)
+    np.testing.assert_allclose(grad(log_probs, [1.0, -1.0], 0.2), reinforce, rtol=1e-5)
+    np.testing.assert_allclose(grad(log_probs - 0.5, [1.0, 1.0], 0.2), 0.0)  # rho = e^0.5
+    np.testing.assert_allclose(grad(log_probs + 0.5, [-1.0, -1.0], 0.2), 0.0)  # rho = e^-0.5
+    assert np.abs(grad(log_probs + 0.5, [1.0, 1.0], 0.2)).max() > 1e-3  # rho < 1 + eps: kept

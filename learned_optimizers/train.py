@@ -1,0 +1,424 @@
+"""Meta-training the LSTM optimizer by truncated backpropagation through time (Andrychowicz et al.).
+
+The meta-loss of optimizer parameters φ on a task f is the sum of the losses along the trajectory
+it produces over a horizon of T steps,
+
+    L(φ) = E_f [ Σ_{t=1..T} f(θ_t) ],    θ_{t+1} = θ_t + u_t(φ),
+
+θ_t the parameters after t updates (f(θ_0) does not depend on φ and is left out), estimated on a
+meta-batch of tasks (vmapped, and sharded over the mesh's `data` axis). The horizon is cut into
+unrolls of K steps: each meta-step (`make_train_step`) runs K optimizer steps of every task in the
+meta-batch inside `lax.scan`, from step s to s + K, and takes the gradient with respect to φ of
+
+    L_s(φ) = 1/K Σ_{t=s+1..s+K} f(θ_t)
+
+(`tasks.scored_unroll`: every update of the unroll is credited, and the last unroll of a horizon
+ends with f(θ_T)), the state at the unroll's start a constant (truncated BPTT); then it updates φ
+with Adam after clipping the meta-gradient's global norm. After T / K unrolls the meta-batch is
+replaced by fresh tasks. By default ∇f(θ_t) enters the optimizer as a constant (no second
+derivatives of f, the paper's choice); `second_order=True` keeps them.
+
+`estimator="pes"` replaces truncated backpropagation by Persistent Evolution Strategies (Vicol,
+Metz, Sohl-Dickstein, 2021), which is unbiased under truncation: the meta-batch is P = B/2
+antithetic pairs of particles, each pair on one task. Every unroll k draws ε_i ~ N(0, σ² I) per
+pair, runs particle i⁺ with φ + ε_i and i⁻ with φ − ε_i (forward only, no backpropagation), adds ε_i
+to the pair's accumulated perturbation ξ_i = Σ_{unrolls j ≤ k of this task} ε_i^(j), and estimates
+
+    ĝ = 1 / (2 P σ²) Σ_i ξ_i (L_k(i⁺) − L_k(i⁻)),
+
+L_k the unroll's objective L_s above for the particle. Because ξ carries the perturbations of the
+earlier unrolls of the same trajectory, E[ĝ] is the gradient of the Gaussian-smoothed L_k with
+respect to φ through the whole trajectory so far -- the dependence truncated BPTT drops (tested).
+
+Model selection: every `validate_every` steps the current φ is scored by the mean loss at step T
+on fixed validation tasks (never the evaluation tasks), and the best φ is kept. At the end the best
+φ is written to `meta_params.npz` and evaluated against tuned baselines (`evaluate.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from common import checkpoints, metrics, parallel, workdirs
+from common import config as config_lib
+from common.config import choice
+from learned_optimizers import evaluate, lstm, tasks
+
+ESTIMATORS = ("tbptt", "pes")
+META_LR_SCHEDULES = ("constant", "cosine")
+META_PARAMS_FILE = "meta_params.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Meta-training and evaluation of the LSTM optimizer.
+
+    Attributes:
+        task: Task family to meta-train on.
+        dataset: MLP tasks: the dataset of the images (a `common.data` name).
+        data_dir: Directory holding the dataset's raw files.
+        data_split: train_test: meta-train on the train split, evaluate on test; test_halves: two
+            fixed halves of the test split (MNIST with only its test files at hand).
+        batch_size: MLP tasks: examples per minibatch of a task.
+        pool: MLP tasks: average-pool the images pool x pool first.
+        preprocessing: Gradient preprocessing: log_sign (the paper's appendix) or identity.
+        output_scale: Update = output_scale * LSTM output.
+        hidden_size: LSTM hidden units per layer.
+        num_layers: LSTM layers.
+        block_size: Compute the LSTM on blocks of this many coordinates, rematerialised in the
+            backward pass (`lstm.blocked_network`: the same function, cache-sized working set);
+            0 = all coordinates of a parameter tensor at once.
+        horizon: Optimizer steps per task during meta-training (T).
+        unroll_length: Steps per truncated unroll (K); T % K == 0.
+        meta_batch_size: Tasks per meta-step (over all devices).
+        meta_lr: Adam learning rate of the meta-optimizer.
+        meta_lr_schedule: Meta learning rate: constant, or cosine decay to 0 over num_steps.
+        meta_clip_norm: Global-norm clip of the meta-gradient.
+        second_order: Keep second derivatives of f in the meta-gradient.
+        estimator: Meta-gradient estimator: tbptt (truncated backpropagation, the paper) or pes
+            (Persistent Evolution Strategies, unbiased under truncation).
+        pes_sigma: PES: standard deviation of the perturbations of the meta-parameters.
+        num_steps: Meta-steps, one unroll each; a rerun with a larger value continues.
+        seed: Seed of the meta-parameters' initialisation and of the meta-training tasks.
+        eval_seed: Seed of the validation and test tasks (fixed across meta-training seeds).
+        log_every: Log metrics every this many meta-steps.
+        checkpoint_every: Save a checkpoint every this many meta-steps.
+        validate_every: Score the optimizer on validation tasks every this many meta-steps.
+        num_validation_tasks: Validation tasks (model and baseline learning-rate selection).
+        num_test_tasks: Held-out test tasks of the final evaluation.
+        eval_horizons: Steps at which final losses are reported.
+        transfer_tasks: Other task families to evaluate the optimizer on.
+        evaluate: Evaluate against tuned baselines after meta-training.
+    """
+
+    task: str = choice("quadratic", tasks.FAMILIES)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    data_split: str = choice("train_test", tasks.DATA_SPLITS)
+    batch_size: int = 128
+    pool: int = 1
+    preprocessing: str = choice("identity", lstm.PREPROCESSING)
+    output_scale: float = 1.0
+    hidden_size: int = 20
+    num_layers: int = 2
+    block_size: int = 0
+    horizon: int = 100
+    unroll_length: int = 20
+    meta_batch_size: int = 32
+    meta_lr: float = 1e-3
+    meta_lr_schedule: str = choice("constant", META_LR_SCHEDULES)
+    meta_clip_norm: float = 1.0
+    second_order: bool = False
+    estimator: str = choice("tbptt", ESTIMATORS)
+    pes_sigma: float = 0.01
+    num_steps: int = 1000
+    seed: int = 0
+    eval_seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 250
+    validate_every: int = 100
+    num_validation_tasks: int = 32
+    num_test_tasks: int = 100
+    eval_horizons: tuple[int, ...] = (100, 200)
+    transfer_tasks: tuple[str, ...] = choice((), tasks.FAMILIES)
+    evaluate: bool = True
+
+    def validate(self) -> None:
+        config_lib.check_choices(self)
+        if self.horizon % self.unroll_length:
+            raise ValueError(f"horizon {self.horizon} is not a multiple of unroll_length "
+                             f"{self.unroll_length}.")
+        if self.estimator == "pes" and self.meta_batch_size % 2:
+            raise ValueError(f"PES needs an even meta_batch_size (antithetic pairs), got "
+                             f"{self.meta_batch_size}.")
+        if self.block_size < 0:
+            raise ValueError(f"block_size must be >= 0 (0: unblocked), got {self.block_size}.")
+        if not self.pes_sigma > 0:
+            raise ValueError(f"pes_sigma must be > 0, got {self.pes_sigma}.")
+        config_lib.check_positive(self, (
+            "horizon", "unroll_length", "meta_batch_size", "num_steps", "log_every",
+            "checkpoint_every", "validate_every", "num_validation_tasks", "num_test_tasks",
+            "hidden_size", "num_layers", "batch_size", "pool"))
+
+
+# Keys a rerun may change without starting a different run.
+RESUMABLE_KEYS = ("num_steps", "log_every", "checkpoint_every", "data_dir", "evaluate",
+                  "num_test_tasks", "eval_horizons", "transfer_tasks")
+
+
+@flax.struct.dataclass
+class MetaTrainState:
+    step: jax.Array
+    meta_params: Any
+    meta_opt_state: Any
+    trajectories: tasks.Trajectory  # the meta-batch, leading axis = tasks
+    best_meta_params: Any
+    best_validation_loss: jax.Array
+    perturbation_sums: Any = None  # PES: ξ per antithetic pair (leading axis = pairs)
+
+
+def make_family(config: Config, split: str, name: str | None = None) -> tasks.TaskFamily:
+    """The config's task family (or family `name`) on dataset split `split`."""
+    return tasks.make_family(name or config.task, config.dataset, split, config.data_dir,
+                             config.batch_size, config.data_split, config.pool)
+
+
+def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init, train) keys; the meta-batch of horizon n is drawn with fold_in(train, n)."""
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, train_key
+
+
+def make_optimizer(config: Config, meta_params) -> optax.GradientTransformation:
+    """The learned optimizer with meta-parameters φ = `meta_params`."""
+    return lstm.lstm_optimizer(meta_params, config.output_scale, config.preprocessing,
+                               config.block_size)
+
+
+def meta_optimizer(config: Config) -> optax.GradientTransformation:
+    """Adam after clipping the meta-gradient's global norm; the learning rate constant or
+    decayed along a cosine to 0 at `num_steps`."""
+    rate = config.meta_lr
+    if config.meta_lr_schedule == "cosine":
+        rate = optax.cosine_decay_schedule(rate, config.num_steps)
+    return optax.chain(optax.clip_by_global_norm(config.meta_clip_norm), optax.adam(rate))
+
+
+def fresh_trajectories(config: Config, family: tasks.TaskFamily,
+                       key: jax.Array) -> tasks.Trajectory:
+    """A meta-batch of new tasks at θ₀ with zero LSTM states (leading axis = tasks). PES: the
+    first and second halves are the same tasks (particle i and i + B/2 are an antithetic pair)."""
+    meta_params = jax.eval_shape(lambda: lstm.init_meta_params(
+        jax.random.PRNGKey(0), config.preprocessing, config.hidden_size, config.num_layers))
+    tx = make_optimizer(config, meta_params)  # init() reads only shapes
+    pes = config.estimator == "pes"
+    keys = jax.random.split(key, config.meta_batch_size // 2 if pes else config.meta_batch_size)
+    trajectories = jax.vmap(lambda k: tasks.start(tx, family, k))(keys)
+    return jax.tree.map(lambda x: jnp.concatenate([x, x]), trajectories) if pes else trajectories
+
+
+def create_train_state(config: Config, family: tasks.TaskFamily, key: jax.Array) -> MetaTrainState:
+    """φ drawn with `key`, the meta-optimizer's state, and the first meta-batch of tasks."""
+    meta_params = lstm.init_meta_params(key, config.preprocessing, config.hidden_size,
+                                        config.num_layers)
+    trajectories = fresh_trajectories(config, family, root_keys(config.seed)[1])
+    sums = None
+    if config.estimator == "pes":
+        sums = jax.tree.map(lambda p: jnp.zeros((config.meta_batch_size // 2,) + p.shape, p.dtype),
+                            meta_params)
+    return MetaTrainState(step=jnp.zeros((), jnp.int32), meta_params=meta_params,
+                          meta_opt_state=meta_optimizer(config).init(meta_params),
+                          trajectories=trajectories, best_meta_params=meta_params,
+                          best_validation_loss=jnp.array(jnp.inf, jnp.float32),
+                          perturbation_sums=sums)
+
+
+def truncated_meta_loss(config: Config, family: tasks.TaskFamily, meta_params,
+                        trajectories: tasks.Trajectory, first_step, data):
+    """(Mean over the meta-batch of L_s(φ) = 1/K Σ_{t=s+1..s+K} f(θ_t), the trajectories after
+    the unroll), s = `first_step`, K the unroll length, θ_s the `trajectories`' parameters."""
+    tx = make_optimizer(config, meta_params)
+
+    def one(traj):
+        traj, losses = tasks.scored_unroll(tx, family, traj, config.unroll_length, first_step,
+                                           data, config.second_order)
+        return jnp.mean(losses), traj
+
+    losses, trajectories = jax.vmap(one)(trajectories)
+    return jnp.mean(losses), trajectories
+
+
+def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajectories,
+                 perturbation_sums, first_step, data, key: jax.Array):
+    """One PES unroll (module docstring): (ĝ, mean loss, trajectories, ξ).
+
+    `trajectories` hold the P⁺ particles then the P⁻ particles; `perturbation_sums` is ξ before
+    this unroll (zeros for fresh tasks)."""
+    pairs = config.meta_batch_size // 2
+    leaves, treedef = jax.tree.flatten(meta_params)
+    keys = jax.random.split(key, len(leaves))
+    eps = treedef.unflatten([config.pes_sigma * jax.random.normal(k, (pairs,) + x.shape, x.dtype)
+                             for k, x in zip(keys, leaves)])
+    sums = jax.tree.map(jnp.add, perturbation_sums, eps)
+    particles = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), meta_params, eps)
+
+    def one(phi, traj):
+        traj, losses = tasks.scored_unroll(make_optimizer(config, phi), family, traj,
+                                           config.unroll_length, first_step, data)
+        return jnp.mean(losses), traj
+
+    losses, trajectories = jax.vmap(one)(particles, trajectories)
+    difference = losses[:pairs] - losses[pairs:]
+    grads = jax.tree.map(
+        lambda xi: jnp.tensordot(difference, xi, 1) / (2 * pairs * config.pes_sigma ** 2), sums)
+    return grads, jnp.mean(losses), trajectories, sums
+
+
+def make_train_step(config: Config, family: tasks.TaskFamily) -> Callable:
+    """Returns the unjitted meta-step `train_step(state, data) -> (state, metrics)`: one unroll
+    and φ update, the meta-gradient by truncated BPTT or by PES (`config.estimator`); `data` is
+    the family's shared arrays (`family.data`)."""
+    num_unrolls = config.horizon // config.unroll_length
+    init_key, train_key = root_keys(config.seed)
+    perturbation_key = jax.random.fold_in(init_key, 1)  # PES: ε of meta-step s from fold_in(., s)
+    meta_tx = meta_optimizer(config)
+
+    def train_step(state: MetaTrainState, data):
+        position = state.step % num_unrolls
+        fresh = fresh_trajectories(config, family,
+                                   jax.random.fold_in(train_key, state.step // num_unrolls))
+        trajectories = optax.tree.where(position == 0, fresh, state.trajectories)
+        first_step = position * config.unroll_length
+        sums = state.perturbation_sums
+        if config.estimator == "pes":
+            sums = jax.tree.map(lambda s: jnp.where(position == 0, 0.0, s), sums)
+            grads, loss, trajectories, sums = pes_gradient(
+                config, family, state.meta_params, trajectories, sums, first_step, data,
+                jax.random.fold_in(perturbation_key, state.step))
+        else:
+            loss_fn = lambda phi: truncated_meta_loss(  # noqa: E731
+                config, family, phi, trajectories, first_step, data)
+            (loss, trajectories), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.meta_params)
+        updates, meta_opt_state = meta_tx.update(grads, state.meta_opt_state, state.meta_params)
+        state = state.replace(step=state.step + 1,
+                              meta_params=optax.apply_updates(state.meta_params, updates),
+                              meta_opt_state=meta_opt_state,
+                              trajectories=jax.lax.stop_gradient(trajectories),
+                              perturbation_sums=sums)
+        return state, {"meta_loss": loss, "meta_grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def state_shardings(mesh, state: MetaTrainState) -> MetaTrainState:
+    """Everything replicated except the meta-batch of trajectories, split over `data`."""
+    replicated, batch = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+    return jax.tree.map(lambda _: replicated, state).replace(
+        trajectories=jax.tree.map(lambda _: batch, state.trajectories))
+
+
+def jit_train_step(config: Config, mesh, family: tasks.TaskFamily,
+                   state: MetaTrainState) -> Callable:
+    """`make_train_step` jitted with the shardings of `state_shardings` (the state donated)."""
+    shardings = state_shardings(mesh, state)
+    replicated = parallel.replicated_sharding(mesh)
+    return jax.jit(make_train_step(config, family), in_shardings=(shardings, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def make_validation_loss(config: Config, family: tasks.TaskFamily, keys: jax.Array) -> Callable:
+    """φ -> mean over validation tasks of f(θ_T), T the horizon (non-finite counts as +inf)."""
+    def validation_loss(meta_params, data):
+        tx = make_optimizer(config, meta_params)
+        final = jax.vmap(
+            lambda k: tasks.learning_curve(tx, family, k, config.horizon, data)[-1])(keys)
+        return jnp.where(jnp.all(jnp.isfinite(final)), jnp.mean(final), jnp.inf)
+    return jax.jit(validation_loss)
+
+
+def finite_or_none(value) -> float | None:
+    """A validation loss for metrics.jsonl: its value, or None (null) where it diverged."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def select_best(state: MetaTrainState, validation_loss: jax.Array) -> MetaTrainState:
+    """Keeps φ as the best meta-parameters if `validation_loss` is the lowest so far."""
+    better = validation_loss < state.best_validation_loss
+    return state.replace(
+        best_meta_params=optax.tree.where(better, state.meta_params, state.best_meta_params),
+        best_validation_loss=jnp.minimum(validation_loss, state.best_validation_loss))
+
+
+def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) -> MetaTrainState:
+    """Meta-trains (or resumes) in `workdir` up to `num_steps` meta-steps, writes the best φ to
+    `meta_params.npz`, then (if `config.evaluate`) evaluates it against tuned baselines
+    (`eval.json`). Returns the final state."""
+    config.validate()
+    mesh = parallel.make_mesh()
+    per_device = parallel.check_global_batch(config.meta_batch_size, mesh, "meta_batch_size")
+    family = make_family(config, "train")
+    config_dict = config_lib.to_dict(config)
+    with workdirs.claim(workdir, config_dict, overwrite, RESUMABLE_KEYS,
+                        num_steps=config.num_steps):
+        logging.info("Meta-training the LSTM optimizer on %s: meta-batch %d = %d devices x %d "
+                     "tasks, %d processes; horizon %d in unrolls of %d, %d meta-steps.",
+                     family.name, config.meta_batch_size, mesh.devices.size, per_device,
+                     jax.process_count(), config.horizon, config.unroll_length, config.num_steps)
+        state = jax.jit(lambda key: create_train_state(config, family, key))(
+            root_keys(config.seed)[0])
+        state = parallel.place(state, state_shardings(mesh, state))
+        with checkpoints.resume(workdir, config.checkpoint_every, config_dict, state,
+                                config.log_every) as (ckpts, state, start_step, writer):
+            state = _train_loop(config, mesh, family, state, start_step, ckpts, writer)
+        parallel.log_fingerprint(config.num_steps, (state.meta_params, state.best_meta_params))
+        best = parallel.to_host(state.best_meta_params)
+        if jax.process_index() == 0:
+            lstm.save(os.path.join(workdir, META_PARAMS_FILE), best, config.output_scale,
+                      config.preprocessing)
+        if config.evaluate:
+            evaluate_run(config, best, workdir)
+    return state
+
+
+def _train_loop(config: Config, mesh, family: tasks.TaskFamily, state: MetaTrainState,
+                start_step: int, ckpts: checkpoints.Checkpoints,
+                writer: metrics.MetricWriter) -> MetaTrainState:
+    """Meta-steps `start_step` to `num_steps`: log, validate and keep the best φ, checkpoint."""
+    progress = metrics.Progress(config.num_steps, start_step,
+                                config.meta_batch_size * config.unroll_length, "task_steps")
+    data = parallel.replicate(mesh, family.data)
+    train_step = jit_train_step(config, mesh, family, state)
+    validation_keys, _ = evaluate.eval_keys(config.eval_seed, config.num_validation_tasks, 1)
+    validation_loss = make_validation_loss(config, family, validation_keys)
+    pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
+    for step in range(start_step, config.num_steps):
+        state, step_metrics = train_step(state, data)
+        pending.add(step_metrics)
+        done = step + 1
+        is_log = metrics.due(done, config.log_every, config.num_steps)
+        is_validation = metrics.due(done, config.validate_every, config.num_steps)
+        is_checkpoint = metrics.due(done, config.checkpoint_every, config.num_steps)
+        if is_log or is_validation or is_checkpoint:
+            row = dict(pending.fetch(done)[-1])
+            if is_validation:
+                loss = validation_loss(state.meta_params, data)
+                state = select_best(state, loss)
+                row.update(validation_loss=finite_or_none(loss),  # inf: diverged, a result
+                           best_validation_loss=finite_or_none(state.best_validation_loss))
+            if is_log or is_validation:
+                writer.write(done, {**row, **progress.log(done, row)})
+        if is_checkpoint:
+            ckpts.save(done, state, force=True)
+            pending.checkpointed(done)
+        ckpts.stop_if_preempted(done, state)
+    return state
+
+
+def evaluate_run(config: Config, meta_params, workdir: str) -> dict[str, Any]:
+    """Evaluates φ against tuned baselines on the config's family and its transfer targets;
+    writes `eval.json` and a `learning_curves[_<family>].png` per family."""
+    validation_keys, test_keys = evaluate.eval_keys(config.eval_seed, config.num_validation_tasks,
+                                                    config.num_test_tasks)
+    learned = make_optimizer(config, meta_params)
+    families = {}
+    for name in (config.task, *config.transfer_tasks):
+        curves, families[name] = evaluate.compare_with_baselines(
+            learned, make_family(config, "train", name), make_family(config, "test", name),
+            validation_keys, test_keys, config.horizon, config.eval_horizons)
+        suffix = "" if name == config.task else f"_{name}"
+        evaluate.plot(os.path.join(workdir, f"learning_curves{suffix}.png"), curves,
+                      f"{name}: {len(test_keys)} test tasks (LSTM meta-trained on {config.task})")
+    results = {"task": config.task, "families": families}
+    evaluate.write_results(workdir, results)
+    return results
