@@ -252,7 +252,8 @@ def main():
                      run(benchmark, configure(algorithm, budget=300, seed=0))["history"])
     p_values = {f"reinforce>{other}": {
         str(b): welch_greater(table["reinforce"][b]["test_per_seed"],
-                              table[other][b]["test_per_seed"]) for b in BUDGETS} for other in ("random", "evolution")}
+                              table[other][b]["test_per_seed"]) for b in BUDGETS}
+        for other in ("random", "evolution")}
 
     print(f"\nNAS-Bench-Macro, test accuracy (%) of the architecture chosen by seed-0 accuracy, "
           f"mean +- sd over seeds {REPORTED_SEEDS[0]}-{REPORTED_SEEDS[-1]} (evaluations, "
