@@ -114,7 +114,7 @@ def write_json(path: str, result: Any, non_finite: str = "error") -> str:
         if non_finite != "null":
             raise FloatingPointError(f"Non-finite values in the results for {path} (not written): "
                                      f"{result}") from None
-        text = json.dumps(_nulls_for_non_finite(result), indent=2, default=_plain)
+        text = json.dumps(nulls_for_non_finite(result), indent=2, default=_plain)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -122,14 +122,15 @@ def write_json(path: str, result: Any, non_finite: str = "error") -> str:
     return path
 
 
-def _nulls_for_non_finite(value: Any) -> Any:
+def nulls_for_non_finite(value: Any) -> Any:
+    """`value` (numbers, arrays, dicts, lists) as plain JSON values, non-finite floats as None."""
     value = _plain(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _nulls_for_non_finite(v) for k, v in value.items()}
+        return {k: nulls_for_non_finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_nulls_for_non_finite(v) for v in value]
+        return [nulls_for_non_finite(v) for v in value]
     return value
 
 

@@ -38,7 +38,6 @@ on fixed validation tasks (never the evaluation tasks), and the best φ is kept.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable
 
@@ -326,12 +325,6 @@ def make_validation_loss(config: Config, family: tasks.TaskFamily, keys: jax.Arr
     return jax.jit(validation_loss)
 
 
-def finite_or_none(value) -> float | None:
-    """A validation loss for metrics.jsonl: its value, or None (null) where it diverged."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def select_best(state: MetaTrainState, validation_loss: jax.Array) -> MetaTrainState:
     """Keeps φ as the best meta-parameters if `validation_loss` is the lowest so far."""
     better = validation_loss < state.best_validation_loss
@@ -394,8 +387,8 @@ def _train_loop(config: Config, mesh, family: tasks.TaskFamily, state: MetaTrain
             if is_validation:
                 loss = validation_loss(state.meta_params, data)
                 state = select_best(state, loss)
-                row.update(validation_loss=finite_or_none(loss),  # inf: diverged, a result
-                           best_validation_loss=finite_or_none(state.best_validation_loss))
+                row.update(metrics.nulls_for_non_finite(  # inf: diverged, a result, not a failure
+                    {"validation_loss": loss, "best_validation_loss": state.best_validation_loss}))
             if is_log or is_validation:
                 writer.write(done, {**row, **progress.log(done, row)})
         if is_checkpoint:
