@@ -154,17 +154,19 @@ def available(need: str | None) -> bool:
 
 def part_command(part: Part, workdir: str, tiny: bool, minutes: float,
                  have_data: bool) -> list[str]:
-    """The launcher's command line: the paper config, then the time box's overrides (or the tiny
-    ones), then the substitute for missing data (which wins)."""
+    """The launcher's command line: the paper config, the substitute for missing data (a
+    `--flagfile` there replaces the paper config's values), then the time box's overrides and the
+    tiny ones, which win over both."""
     args = [sys.executable, "-m", f"launch.{part.launcher}",
             f"--flagfile={os.path.join('launch', 'configs', part.flagfile)}",
-            f"--workdir={workdir}", *part.overrides]
+            f"--workdir={workdir}"]
+    if not have_data:
+        args.extend(part.substitute)
+    args.extend(part.overrides)
     if part.launcher in ("gan", "maml"):  # stop at the first checkpoint past the time box
         args.append(f"--max_minutes={minutes}")
     if tiny:
         args.extend(part.tiny)
-    if not have_data:
-        args.extend(part.substitute)
     return args
 
 

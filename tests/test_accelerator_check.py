@@ -76,14 +76,15 @@ def test_median_rate_leaves_out_the_compiling_interval():
     assert accelerator_check.median_rate([], "images_per_s") == (None, 0)
 
 
-def test_part_command_paper_config_then_time_box_then_tiny_then_substitute():
+def test_part_command_paper_config_then_substitute_then_time_box_then_tiny():
     part = {p.name: p for p in accelerator_check.PARTS}["gan"]
     command = accelerator_check.part_command(part, "/w", tiny=True, minutes=2.0, have_data=False)
     assert command[1:5] == ["-m", "launch.gan",
                             "--flagfile=launch/configs/dcgan_fashion_mnist.flags", "--workdir=/w"]
     flags = command[5:]
+    assert flags[0] == "--dataset=digits"  # a substitute flagfile must not undo the tiny flags
     assert flags.index("--max_minutes=2.0") < flags.index("--batch_size=8")
-    assert flags[-1] == "--dataset=digits"
+    assert flags[-1] == part.tiny[-1]
     full = accelerator_check.part_command(part, "/w", tiny=False, minutes=3, have_data=True)
     assert "--batch_size=8" not in full and "--dataset=digits" not in full
 
@@ -114,14 +115,21 @@ def test_tiny_accelerator_check_runs_every_part_on_the_cpu(tmp_path):
     assert result["mode"] == "tiny" and result["devices"]["platform"] == "cpu"
     assert result["machine"]["cpu_model"] and "avx512f" in result["machine"]["isa"]
     assert set(result["parts"]) == {p.name for p in accelerator_check.PARTS}
+    skipped = {name for name, part in result["parts"].items()
+               if part["stopped_by"].startswith("skipped")}  # data absent, no substitute
+    assert skipped <= {"nas_macro"}
     for name, part in result["parts"].items():
+        if name in skipped:
+            continue
         assert part["returncode"] == 0 and part["stopped_by"] == "finished", (name, part)
         assert os.path.basename(part["command"].split("--flagfile=")[1].split()[0]) == \
             part["paper_config"]
     expected = {"gan_images_per_s", "lo_meta_steps_per_s", "maml_tasks_per_s",
                 "nas_children_per_hour", "nas_macro_evaluations_per_s", "gan_step_images_per_s",
                 "gan_step_fraction_of_matmul", "gan_step_fraction_of_datasheet_peak"}
-    assert set(result["figures"]) == expected
+    if skipped:
+        expected.discard("nas_macro_evaluations_per_s")
+    assert expected <= set(result["figures"])
     for key in expected - {"gan_step_fraction_of_datasheet_peak"}:
         value = result["figures"][key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
