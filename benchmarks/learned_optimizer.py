@@ -25,10 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from matplotlib.figure import Figure
 
+from common import config as config_lib
+from common import metrics, workdirs
 from launch import flags as launch_flags
 from launch import learned_optimizer as launcher
-from learned_optimizers import evaluate, tasks, train
+from learned_optimizers import evaluate, lstm, tasks, train
 
 flags.DEFINE_list("configs", ["lstm_quadratic", "lstm_quadratic_second_order", "lstm_mlp_digits"],
                   "Config files to run.")
@@ -42,6 +45,12 @@ flags.DEFINE_string("meta_step_config", "",
                     "(e.g. lstm_mlp_mnist28; '' skips it).")
 flags.DEFINE_list("block_sizes", ["0", "1024"], "LSTM block sizes of that table (0: unblocked).")
 flags.DEFINE_integer("meta_step_rounds", 3, "Alternating timing rounds of that table.")
+flags.DEFINE_bool("reevaluate", False,
+                  "Recompute each finished run's eval.json from its meta_params.npz with the "
+                  "current evaluation (e.g. a wider baseline grid) instead of reading it.")
+flags.DEFINE_string("trained_on", "",
+                    "Where the runs were meta-trained, recorded with their rows (default: "
+                    "this machine's JAX devices).")
 flags.DEFINE_string("note", "", "Free text stored with the results (e.g. what was not run).")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results",
                                            "learned_optimizer.json"), "Result file.")
@@ -67,6 +76,11 @@ def config_from_file(name: str, **overrides) -> train.Config:
     return dataclasses.replace(launcher.make_config(), **overrides)
 
 
+def devices() -> str:
+    device = jax.devices()[0]
+    return f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
+
+
 def mean_sd(values) -> dict[str, float]:
     values = np.asarray(values, np.float64)
     return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1
@@ -78,10 +92,46 @@ def row_key(row: dict) -> str:
     return f"{row['config']}/{row['family']}/{row['horizon']}"
 
 
-def quality(config_names, seeds, root: str) -> dict:
+def plot_curves(path: str, name: str, family: str, per_seed: list[dict], seeds) -> str:
+    """Left: each optimizer's mean test loss per step (mean over seeds); right: the per-step ratio
+    LSTM / tuned Adam of each seed and their mean."""
+    fig = Figure(figsize=(12, 4.5), dpi=100)
+    left, right = fig.subplots(1, 2)
+    for opt in per_seed[0]["mean_curves"]:
+        curve = np.mean([r["mean_curves"][opt] for r in per_seed], axis=0)
+        left.plot(curve, label=opt)
+    left.set(yscale="log", xlabel="optimizee step", ylabel="mean test loss",
+             title=f"{name} ({family}): mean over seeds {', '.join(map(str, seeds))}")
+    ratios = [np.asarray(r["mean_curves"]["lstm"]) / np.asarray(r["mean_curves"]["adam"])
+              for r in per_seed]
+    for seed, ratio in zip(seeds, ratios):
+        right.plot(ratio, alpha=0.5, label=f"seed {seed}")
+    right.plot(np.mean(ratios, axis=0), "k-", lw=2, label="mean")
+    right.axhline(1.0, color="gray", ls="--")
+    right.set(xlabel="optimizee step", ylabel="LSTM / tuned Adam (mean loss)",
+              title="per-step ratio (< 1: the LSTM is ahead)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def reevaluate(workdir: str) -> None:
+    """eval.json of a finished run recomputed from its saved φ and config."""
+    config = config_lib.from_dict(train.Config,
+                                  workdirs.read_json(os.path.join(workdir, workdirs.CONFIG_FILE)))
+    meta_params, _ = lstm.load(os.path.join(workdir, train.META_PARAMS_FILE))
+    train.evaluate_run(config, meta_params, workdir)
+
+
+def quality(config_names, seeds, root: str, results_dir: str, again: bool,
+            trained_on: str) -> dict:
     out = {}
     for name in config_names:
-        runs = []
+        runs, meta_steps = [], []
         for seed in seeds:
             config = config_from_file(name, seed=seed)
             workdir = os.path.join(root, name, f"seed{seed}")
@@ -89,11 +139,19 @@ def quality(config_names, seeds, root: str) -> dict:
             start = time.perf_counter()
             if not os.path.exists(path):
                 train.train_and_evaluate(config, workdir)
+            elif again:
+                reevaluate(workdir)
             with open(path) as f:
                 runs.append(json.load(f))
+            meta_steps.append(max(r["step"] for r in metrics.read_metrics(workdir)))
             print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
         for family in runs[0]["families"]:
             per_seed = [r["families"][family] for r in runs]
+            picture = None
+            if all("mean_curves" in r for r in per_seed):
+                picture = os.path.basename(plot_curves(
+                    os.path.join(results_dir, f"learned_optimizer_{name}_{family}_curves.png"),
+                    name, family, per_seed, seeds))
             for h in per_seed[0]["comparison"]:
                 row = {
                     "config": name, "family": family, "horizon": int(h), "seeds": list(seeds),
@@ -102,8 +160,9 @@ def quality(config_names, seeds, root: str) -> dict:
                     "ratio_lstm_to_adam": mean_sd([r["comparison"][h]["ratio_lstm_to_adam"]
                                                    for r in per_seed]),
                     "lstm_rank": mean_sd([r["comparison"][h]["rank"]["lstm"] for r in per_seed]),
-                    "learning_rates": per_seed[0]["learning_rates"],
-                    "objective": OBJECTIVE, "command": command()}
+                    "learning_rates": per_seed[0]["learning_rates"], "meta_steps": meta_steps,
+                    "curves_png": picture, "trained_on": trained_on,
+                    "evaluated_on": devices(), "objective": OBJECTIVE, "command": command()}
                 out[row_key(row)] = row
     return out
 
@@ -275,7 +334,8 @@ def main(argv):
     speed_steps, note = FLAGS.speed_steps, FLAGS.note
     meta_step_config, rounds = FLAGS.meta_step_config, FLAGS.meta_step_rounds
     block_sizes = [int(b) for b in FLAGS.block_sizes]
-    results = quality(configs, seeds, root)
+    results = quality(configs, seeds, root, os.path.dirname(output), FLAGS.reevaluate,
+                      FLAGS.trained_on or devices())
     speed_results = speed(speed_config, unrolls, speed_steps) if unrolls else {}
     meta_step = meta_step_speed(meta_step_config, block_sizes, rounds) if meta_step_config else {}
     previous = {}

@@ -77,3 +77,23 @@ def check_positive(config: Any, fields: Sequence[str]) -> None:
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as plain JSON values (nested configs as nested dicts, tuples as lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(config_cls: type, values: dict[str, Any]) -> Any:
+    """The inverse of `to_dict`: a `config_cls` from the plain values of its `config.json` (nested
+    dicts become sub-configs, lists of tuple fields tuples); a field the dict lacks keeps its
+    default, a key `config_cls` does not know is refused."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{config_cls.__qualname__} has no field {', '.join(unknown)}.")
+    defaults = config_cls()
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            value = from_dict(type(default), value)
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        kwargs[name] = value
+    return config_cls(**kwargs)

@@ -1,7 +1,8 @@
 """Hand-designed baselines with tuned learning rates: SGD, Nesterov momentum, RMSprop, Adam.
 
-Each optimizer's learning rate is chosen from the log grid 10^-4 .. 10^0 in quarter decades by the
-mean loss f(θ_T) over validation tasks (a non-finite loss on any task rules a rate out). The
+Each optimizer's learning rate is chosen from the log grid 10^-4 .. 10^1 in quarter decades by the
+mean loss f(θ_T) over validation tasks (a non-finite loss on any task rules a rate out); a choice
+at either end of the grid is logged as a warning (the grid may be too narrow for that task). The
 whole grid × tasks is one compiled call: `optax.inject_hyperparams` makes the learning rate an
 input of the transformation, so it can be `vmap`ped like any other array.
 """
@@ -15,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from absl import logging
+
 from learned_optimizers import tasks
 
-LEARNING_RATES = 10.0 ** np.arange(-4.0, 0.01, 0.25)  # 17 rates
+LEARNING_RATES = 10.0 ** np.arange(-4.0, 1.01, 0.25)  # 21 rates
 
 
 def nesterov(learning_rate, momentum: float = 0.9) -> optax.GradientTransformation:
@@ -60,7 +63,12 @@ def best_learning_rate(losses: np.ndarray, learning_rates=LEARNING_RATES) -> flo
     if not finite.any():
         raise FloatingPointError("Every learning rate of the grid diverged on some task.")
     mean = np.where(finite, np.mean(np.where(np.isfinite(losses), losses, 0.0), axis=1), np.inf)
-    return float(np.asarray(learning_rates)[int(np.argmin(mean))])
+    best = int(np.argmin(mean))
+    if best in (0, len(mean) - 1):
+        logging.warning("The best learning rate %g is at the end of the grid %g .. %g; the "
+                        "optimum may lie outside it.", learning_rates[best], learning_rates[0],
+                        learning_rates[-1])
+    return float(np.asarray(learning_rates)[best])
 
 
 def tune(family: tasks.TaskFamily, keys: jax.Array, num_steps: int, names=tuple(BASELINES),

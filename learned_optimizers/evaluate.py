@@ -84,14 +84,17 @@ def compare_with_baselines(learned: optax.GradientTransformation,
                            validation_keys: jax.Array, test_keys: jax.Array, tuning_horizon: int,
                            horizons: Sequence[int]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Tunes the baselines' learning rates for `tuning_horizon` steps on the validation tasks, then
-    runs them and the `learned` optimizer on the test tasks: (curves, results)."""
+    runs them and the `learned` optimizer on the test tasks: (curves, results). The results hold
+    each optimizer's mean test loss at every step 0..max(horizons) (`mean_curves`)."""
     learning_rates = baselines.tune(validation_family, validation_keys, tuning_horizon)
     optimizers = {"lstm": learned,
                   **{n: baselines.with_learning_rate(n, lr) for n, lr in learning_rates.items()}}
     horizons = sorted(set(horizons))
     curves, stats = evaluate_family(optimizers, test_family, test_keys, horizons)
+    mean_curves = {name: np.mean(c, axis=0).tolist() for name, c in curves.items()}
     return curves, {"learning_rates": learning_rates, "stats": stats,
-                    "comparison": compare(stats, horizons), "num_test_tasks": int(len(test_keys))}
+                    "comparison": compare(stats, horizons), "num_test_tasks": int(len(test_keys)),
+                    "mean_curves": mean_curves}
 
 
 def write_results(workdir: str, results: Mapping[str, Any]) -> str:

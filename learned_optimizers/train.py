@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Callable
 
 import flax
@@ -87,6 +88,8 @@ class Config:
             (Persistent Evolution Strategies, unbiased under truncation).
         pes_sigma: PES: standard deviation of the perturbations of the meta-parameters.
         num_steps: Meta-steps, one unroll each; a rerun with a larger value continues.
+        max_minutes: Stop at the first checkpoint after this many minutes (0: no limit), without
+            the final evaluation; the same command continues the run.
         seed: Seed of the meta-parameters' initialisation and of the meta-training tasks.
         eval_seed: Seed of the validation and test tasks (fixed across meta-training seeds).
         log_every: Log metrics every this many meta-steps.
@@ -120,6 +123,7 @@ class Config:
     estimator: str = choice("tbptt", ESTIMATORS)
     pes_sigma: float = 0.01
     num_steps: int = 1000
+    max_minutes: float = 0.0
     seed: int = 0
     eval_seed: int = 0
     log_every: int = 50
@@ -141,6 +145,8 @@ class Config:
                              f"{self.meta_batch_size}.")
         if self.block_size < 0:
             raise ValueError(f"block_size must be >= 0 (0: unblocked), got {self.block_size}.")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}.")
         if not self.pes_sigma > 0:
             raise ValueError(f"pes_sigma must be > 0, got {self.pes_sigma}.")
         config_lib.check_positive(self, (
@@ -150,7 +156,7 @@ class Config:
 
 
 # Keys a rerun may change without starting a different run.
-RESUMABLE_KEYS = ("num_steps", "log_every", "checkpoint_every", "data_dir", "evaluate",
+RESUMABLE_KEYS = ("num_steps", "max_minutes", "log_every", "checkpoint_every", "data_dir", "evaluate",
                   "num_test_tasks", "eval_horizons", "transfer_tasks")
 
 
@@ -336,7 +342,8 @@ def select_best(state: MetaTrainState, validation_loss: jax.Array) -> MetaTrainS
 def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) -> MetaTrainState:
     """Meta-trains (or resumes) in `workdir` up to `num_steps` meta-steps, writes the best φ to
     `meta_params.npz`, then (if `config.evaluate`) evaluates it against tuned baselines
-    (`eval.json`). Returns the final state."""
+    (`eval.json`). A run stopped by `max_minutes` skips the evaluation. Returns the final
+    state."""
     config.validate()
     mesh = parallel.make_mesh()
     per_device = parallel.check_global_batch(config.meta_batch_size, mesh, "meta_batch_size")
@@ -353,21 +360,22 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
         state = parallel.place(state, state_shardings(mesh, state))
         with checkpoints.resume(workdir, config.checkpoint_every, config_dict, state,
                                 config.log_every) as (ckpts, state, start_step, writer):
-            state = _train_loop(config, mesh, family, state, start_step, ckpts, writer)
-        parallel.log_fingerprint(config.num_steps, (state.meta_params, state.best_meta_params))
+            state, done = _train_loop(config, mesh, family, state, start_step, ckpts, writer)
+        parallel.log_fingerprint(done, (state.meta_params, state.best_meta_params))
         best = parallel.to_host(state.best_meta_params)
         if jax.process_index() == 0:
             lstm.save(os.path.join(workdir, META_PARAMS_FILE), best, config.output_scale,
                       config.preprocessing)
-        if config.evaluate:
+        if config.evaluate and done == config.num_steps:
             evaluate_run(config, best, workdir)
     return state
 
 
 def _train_loop(config: Config, mesh, family: tasks.TaskFamily, state: MetaTrainState,
                 start_step: int, ckpts: checkpoints.Checkpoints,
-                writer: metrics.MetricWriter) -> MetaTrainState:
-    """Meta-steps `start_step` to `num_steps`: log, validate and keep the best φ, checkpoint."""
+                writer: metrics.MetricWriter) -> tuple[MetaTrainState, int]:
+    """Meta-steps `start_step` to `num_steps` (or to the first checkpoint after `max_minutes`):
+    log, validate and keep the best φ, checkpoint. Returns the state and its step."""
     progress = metrics.Progress(config.num_steps, start_step,
                                 config.meta_batch_size * config.unroll_length, "task_steps")
     data = parallel.replicate(mesh, family.data)
@@ -375,6 +383,8 @@ def _train_loop(config: Config, mesh, family: tasks.TaskFamily, state: MetaTrain
     validation_keys, _ = evaluate.eval_keys(config.eval_seed, config.num_validation_tasks, 1)
     validation_loss = make_validation_loss(config, family, validation_keys)
     pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
+    start_time = time.monotonic()
+    done = start_step
     for step in range(start_step, config.num_steps):
         state, step_metrics = train_step(state, data)
         pending.add(step_metrics)
@@ -394,8 +404,14 @@ def _train_loop(config: Config, mesh, family: tasks.TaskFamily, state: MetaTrain
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             pending.checkpointed(done)
+            if config.max_minutes and done < config.num_steps and parallel.agree(
+                    workdirs.out_of_time(start_time, config.max_minutes, time.monotonic())):
+                logging.info("Stopping after meta-step %d of %d: --max_minutes=%g has passed; "
+                             "the same command continues from this checkpoint.", done,
+                             config.num_steps, config.max_minutes)
+                break
         ckpts.stop_if_preempted(done, state)
-    return state
+    return state, done
 
 
 def evaluate_run(config: Config, meta_params, workdir: str) -> dict[str, Any]:

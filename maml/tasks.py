@@ -30,6 +30,7 @@ BACKGROUND_ALPHABETS = (
     "Japanese_(katakana)", "Korean", "Latin", "Malay_(Jawi_-_Arabic)", "Mkhedruli_(Georgian)",
     "N_Ko", "Ojibwe_(Canadian_Aboriginal_Syllabics)", "Sanskrit", "Syriac_(Estrangelo)", "Tagalog",
     "Tifinagh")
+NUM_BACKGROUND_CHARACTERS = 964
 EVALUATION_ALPHABETS = (
     "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez", "Glagolitic",
     "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian",
@@ -152,7 +153,8 @@ def split_characters(alphabets: np.ndarray, split: str, seed: int,
 
 
 def episodes(images: np.ndarray, seed: int, step: int, num_tasks: int, ways: int, shots: int,
-             queries: int, stream: int = TRAIN_STREAM, rotate: bool = True) -> dict:
+             queries: int, stream: int = TRAIN_STREAM, rotate: bool = True,
+             with_classes: bool = False) -> dict:
     """A meta-batch of N-way K-shot episodes from `images` (uint8 [characters, drawings, H, W]).
 
     Per task: `ways` distinct characters, each shown in one random rotation by r x 90 degrees when
@@ -161,7 +163,9 @@ def episodes(images: np.ndarray, seed: int, step: int, num_tasks: int, ways: int
     distinct drawings, the first `shots` in the support set and the others in the query set.
     Labels 0..ways-1 follow the (random) class order. x is float32 [T, ways * n, H, W, 1] in
     [0, 1] (ink = 1), class-major; y is int32. All indexing is vectorised; no Python work per
-    image.
+    image. `with_classes`: also 'classes' int32 [T, ways], the global class of each episode label
+    (character index x ROTATIONS + rotation; the character index without `rotate`), for a
+    classifier over all classes of `images`.
     """
     num_characters, num_drawings = images.shape[:2]
     if ways > num_characters:
@@ -187,9 +191,18 @@ def episodes(images: np.ndarray, seed: int, step: int, num_tasks: int, ways: int
     def part(a, lo, hi):
         return a[:, :, lo:hi].reshape(num_tasks, ways * (hi - lo), *a.shape[3:])
 
-    return {"support": {"x": part(x, 0, shots), "y": part(y, 0, shots)},
-            "query": {"x": part(x, shots, shots + queries),
-                      "y": part(y, shots, shots + queries)}}
+    out = {"support": {"x": part(x, 0, shots), "y": part(y, 0, shots)},
+           "query": {"x": part(x, shots, shots + queries), "y": part(y, shots, shots + queries)}}
+    if with_classes:
+        out["classes"] = (character * (ROTATIONS if rotate else 1) + rotation).astype(np.int32)
+    return out
+
+
+def num_train_classes(split: str, train_characters: int, rotate: bool) -> int:
+    """Classes of the meta-training characters of `split`: each character, and with `rotate` each
+    of its rotations (the pretrained baseline's output size)."""
+    characters = NUM_BACKGROUND_CHARACTERS if split == "alphabets" else train_characters
+    return characters * (ROTATIONS if rotate else 1)
 
 
 def task_slice(tasks: dict, index: int) -> dict:
@@ -210,16 +223,17 @@ class TaskSource:
     `train_ways` / `train_queries` (None: `ways` / `queries`): classes and query examples per
     class of the training episodes (Prototypical Networks train with more ways than they test).
     `data`: the Omniglot characters to use instead of loading them (e.g. synthetic ones).
+    `with_classes`: training batches also hold each episode's global classes (`episodes`).
     """
 
     def __init__(self, dataset: str, seed: int, ways: int, shots: int, queries: int,
                  rotate: bool = True, data_dir: str | None = None, cache_dir: str | None = None,
                  train_characters: int = TRAIN_CHARACTERS, split: str = "random",
                  train_ways: int | None = None, train_queries: int | None = None,
-                 data: omniglot.Omniglot | None = None):
+                 data: omniglot.Omniglot | None = None, with_classes: bool = False):
         self.dataset, self.seed, self.ways, self.shots, self.queries = (dataset, seed, ways,
                                                                          shots, queries)
-        self.rotate = rotate
+        self.rotate, self.with_classes = rotate, with_classes
         self.train_ways, self.train_queries = train_ways or ways, train_queries or queries
         self.train_images = self.test_images = None
         if dataset == "omniglot":
@@ -239,7 +253,7 @@ class TaskSource:
             return sinusoid_tasks(self.seed, step, num_tasks, shots, queries, stream)[0]
         images = self.train_images if stream == TRAIN_STREAM else self.test_images
         return episodes(images, self.seed, step, num_tasks, ways or self.ways, shots, queries,
-                        stream, self.rotate)
+                        stream, self.rotate, self.with_classes and stream == TRAIN_STREAM)
 
     def local_train_batch(self, step: int, num_tasks: int) -> dict:
         """This process's share of the `num_tasks` training tasks of meta-batch `step`

@@ -3,7 +3,9 @@ that runs it with checkpoints, metrics, periodic few-shot evaluation and picture
 
 `dataset` chooses the task family: "sinusoid" (regression, `MLP`) or "omniglot" (N-way K-shot
 classification, `Conv4`). `learner` chooses the method: "maml" (`maml/core.py`) or "protonet"
-(`maml/protonet.py`, Omniglot only: the same episodes, sharding, checkpoints and evaluation). The
+(`maml/protonet.py`) or "pretrain" (a classifier over all training classes whose head alone is
+fitted to each test episode's support set: `maml/pretrain.py`); the last two Omniglot only, with
+the same episodes, sharding, checkpoints and evaluation. The
 meta-batch of step s is a pure function of (seed, s), so a killed and restarted run continues with
 the tasks it would have seen; `max_minutes` stops a run at a checkpoint for the same command to
 continue.
@@ -30,12 +32,12 @@ from absl import logging
 from common import checkpoints, images, metrics, parallel, workdirs
 from common import config as config_lib
 from common.config import check_positive
-from maml import core, evaluate, models, protonet, tasks
+from maml import core, evaluate, models, pretrain, protonet, tasks
 from maml.core import MetaConfig
 from maml.evaluate import EvalConfig
 
 DATASETS = ("sinusoid", "omniglot")
-LEARNERS = ("maml", "protonet")
+LEARNERS = ("maml", "protonet", "pretrain")
 CONV_IMPLS = ("auto",) + models.CONV_IMPLS
 
 
@@ -45,8 +47,10 @@ class Config:
 
     Attributes:
         dataset: Task family: sinusoid (regression) or omniglot (N-way K-shot classification).
-        learner: Method: maml (an inner loop adapts the network; `core`) or protonet
-            (Prototypical Networks: nearest class mean in an embedding; `protonet`, omniglot).
+        learner: Method: maml (an inner loop adapts the network; `core`), protonet
+            (Prototypical Networks: nearest class mean in an embedding; `protonet`, omniglot) or
+            pretrain (a classifier over all training classes, its head refitted to each test
+            episode's support set; `pretrain`, omniglot).
         ways: N: classes per episode (omniglot; protonet: of the test episodes).
         train_ways: Classes per training episode (0: ways; protonet, the paper's Omniglot: 60).
         shots: K: support examples per class (sinusoid: support points).
@@ -60,6 +64,8 @@ class Config:
         bn_statistics: Query batch-norm statistics: transductive (the paper's code: the query
             batch's own) or support (the support set's).
         filters: Conv4 filters per layer (omniglot).
+        head_steps: pretrain: Adam steps fitting the new head to a test episode's support set.
+        head_lr: pretrain: learning rate of those steps.
         meta_lr: Adam learning rate of the meta-update.
         lr_halve_every: Halve meta_lr every this many meta-iterations (0: constant; protonet, the
             paper: 2000 episodes).
@@ -94,6 +100,8 @@ class Config:
     conv_impl: str = config_lib.choice("auto", CONV_IMPLS)
     bn_statistics: str = config_lib.choice("transductive", tasks.BN_STATISTICS)
     filters: int = 64
+    head_steps: int = 100
+    head_lr: float = 0.01
     meta_lr: float = 1e-3
     lr_halve_every: int = 0
     eval: EvalConfig = config_lib.nested(EvalConfig)
@@ -114,13 +122,13 @@ class Config:
         self.inner.validate()
         self.eval.validate()
         check_positive(self, ("ways", "shots", "queries", "meta_batch_size", "num_steps",
-                              "log_every", "checkpoint_every"))
+                              "log_every", "checkpoint_every", "head_steps"))
         for name in ("train_ways", "train_queries", "lr_halve_every", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: see its help), got "
                                  f"{getattr(self, name)}.")
-        if self.learner == "protonet" and self.dataset != "omniglot":
-            raise ValueError("learner=protonet classifies Omniglot episodes; pass "
+        if self.learner != "maml" and self.dataset != "omniglot":
+            raise ValueError(f"learner={self.learner} classifies Omniglot episodes; pass "
                              "--dataset=omniglot.")
         if self.learner == "maml" and self.train_ways not in (0, self.ways):
             raise ValueError(f"MAML's network has one output per class, so train_ways "
@@ -135,8 +143,8 @@ RESUMABLE_KEYS = ("num_steps", "max_minutes", "log_every", "checkpoint_every", "
 
 def resolve_conv_impl(conv_impl: str, platform: str | None = None,
                       learner: str = "maml") -> str:
-    """'auto' -> MAML on CPU: "patches" (its vmapped per-task kernels); else "xla". ProtoNets
-    share one kernel across episodes, so nothing becomes a grouped convolution."""
+    """'auto' -> MAML on CPU: "patches" (its vmapped per-task kernels); else "xla". The other
+    learners share one kernel across episodes, so nothing becomes a grouped convolution."""
     if conv_impl != "auto":
         return conv_impl
     on_cpu = (platform or jax.devices()[0].platform) == "cpu"
@@ -144,19 +152,21 @@ def resolve_conv_impl(conv_impl: str, platform: str | None = None,
 
 
 def make_model(config: Config):
+    conv_impl = resolve_conv_impl(config.conv_impl, learner=config.learner)
     if config.learner == "protonet":
-        return protonet.Embedding(filters=config.filters,
-                                  conv_impl=resolve_conv_impl(config.conv_impl,
-                                                              learner="protonet"))
+        return protonet.Embedding(filters=config.filters, conv_impl=conv_impl)
+    if config.learner == "pretrain":
+        return pretrain.Classifier(
+            tasks.num_train_classes(config.split, config.train_characters, config.rotate),
+            filters=config.filters, conv_impl=conv_impl)
     if config.dataset == "sinusoid":
         return models.MLP()
-    return models.Conv4(config.ways, filters=config.filters,
-                        conv_impl=resolve_conv_impl(config.conv_impl))
+    return models.Conv4(config.ways, filters=config.filters, conv_impl=conv_impl)
 
 
 def make_learner(config: Config) -> core.Learner | None:
-    """MAML's support and query losses; None for protonet (no inner loop)."""
-    if config.learner == "protonet":
+    """MAML's support and query losses; None for the other learners (no inner loop)."""
+    if config.learner != "maml":
         return None
     model = make_model(config)
     if config.dataset == "sinusoid":
@@ -175,14 +185,17 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 
 def make_adapter(config: Config, learner: core.Learner | None) -> Callable:
     """Test-time (params, tasks) -> per-task metrics [tasks, steps + 1]: MAML after 0 ..
-    `eval.inner_steps` inner steps; protonet one column (`ways`-way episodes)."""
+    `eval.inner_steps` inner steps; protonet and pretrain one column (`ways`-way episodes)."""
     if config.learner == "protonet":
         return protonet.make_adapter(make_model(config), config.ways, config.bn_statistics)
+    if config.learner == "pretrain":
+        return pretrain.make_adapter(make_model(config), config.ways, config.bn_statistics,
+                                     config.head_steps, config.head_lr)
     return evaluate.make_adapter(config.inner, learner, config.eval.inner_steps)
 
 
 def test_inner_steps(config: Config) -> int:
-    return 0 if config.learner == "protonet" else config.eval.inner_steps
+    return config.eval.inner_steps if config.learner == "maml" else 0
 
 
 def example_input(config: Config) -> jax.Array:
@@ -197,6 +210,9 @@ def create_train_state(config: Config, key: jax.Array) -> core.MetaState:
     if config.learner == "protonet":
         return protonet.create_state(make_model(config), key, example_input(config),
                                      make_optimizer(config))
+    if config.learner == "pretrain":
+        return pretrain.create_state(make_model(config), key, example_input(config),
+                                     make_optimizer(config))
     fast, slow = models.init_split(make_model(config), key, example_input(config),
                                    slow_prefixes(config))
     return core.create_meta_state(config.inner, fast, slow, make_optimizer(config))
@@ -206,7 +222,8 @@ def make_task_source(config: Config) -> tasks.TaskSource:
     return tasks.TaskSource(config.dataset, config.seed, config.ways, config.shots,
                             config.queries, config.rotate, config.data_dir, config.cache_dir,
                             config.train_characters, config.split, config.train_ways or None,
-                            config.train_queries or None)
+                            config.train_queries or None,
+                            with_classes=config.learner == "pretrain")
 
 
 def make_train_step(config: Config, mesh, learner: core.Learner | None
@@ -217,6 +234,8 @@ def make_train_step(config: Config, mesh, learner: core.Learner | None
     if config.learner == "protonet":
         return protonet.make_train_step(make_model(config), config.train_ways or config.ways,
                                         config.bn_statistics, make_optimizer(config))
+    if config.learner == "pretrain":
+        return pretrain.make_train_step(make_model(config), make_optimizer(config))
     return core.make_meta_step(learner, config.inner, make_optimizer(config), mesh)
 
 
@@ -280,6 +299,9 @@ def describe(config: Config, num_devices: int, per_device: int) -> str:
     if config.learner == "protonet":
         method = (f"Prototypical Networks on {config.dataset}: {episode} (training "
                   f"{config.train_ways or config.ways}-way)")
+    elif config.learner == "pretrain":
+        method = (f"A classifier over the training classes on {config.dataset}, its head fitted "
+                  f"to {episode} test episodes ({config.head_steps} Adam steps)")
     else:
         method = (f"MAML on {config.dataset}: {episode}, {config.inner.steps} inner steps (lr "
                   f"{config.inner.lr:g}, {'first' if config.inner.first_order else 'second'} "
@@ -292,7 +314,7 @@ def final_evaluation(config: Config, learner: core.Learner | None, params,
                      source: tasks.TaskSource, workdir: str) -> dict:
     """The paper's evaluation on held-out tasks (`evaluate.evaluate`; protonet: the same
     600-episode Omniglot accuracy); writes results.json."""
-    if config.learner == "protonet":
+    if config.learner != "maml":
         results = evaluate.classification_results(make_adapter(config, learner), params, source,
                                                   config.eval.episodes, 0)
         evaluate.write_results(workdir, results)

@@ -1,7 +1,13 @@
 """Flags generated from a config dataclass (launch/flags.py): names, types, nested prefixes, help
 from the docstring, defaults from the dataclass, and the config built back from parsed flags."""
 
+import dataclasses
+import importlib
 import textwrap
+
+import pytest
+
+from common import config as config_lib
 
 from tests.conftest import run_python
 
@@ -80,3 +86,23 @@ def test_flags_are_generated_from_the_config_and_build_it_back():
     assert out == ["CHOICE Unknown tasks 'c'; choose one of a, b.", "ENUM IllegalFlagValueError",
                    "UNDOCUMENTED Undocumented.x has no entry in the class docstring's Attributes: "
                    "section (its flag's help)."]
+
+
+@pytest.mark.parametrize("module", ["gan.train", "learned_optimizers.train", "maml.train",
+                                    "nas.train"])
+def test_config_dict_round_trip(module):
+    """`config.json` (to_dict) read back (from_dict) is the config, nested configs and tuples
+    included; an unknown key is refused."""
+    config_cls = importlib.import_module(module).Config
+    config = config_cls()
+    changed = {}
+    for field in dataclasses.fields(config):  # a non-default value wherever that is simple
+        value = getattr(config, field.name)
+        if isinstance(value, bool):
+            changed[field.name] = not value
+        elif isinstance(value, int) and not field.metadata.get("choices"):
+            changed[field.name] = value + 1
+    config = dataclasses.replace(config, **changed)
+    assert config_lib.from_dict(config_cls, config_lib.to_dict(config)) == config
+    with pytest.raises(ValueError, match="has no field no_such_field"):
+        config_lib.from_dict(config_cls, {"no_such_field": 1})

@@ -36,3 +36,11 @@ def test_grid_search_picks_the_known_best_learning_rate():
 def test_best_learning_rate_ignores_diverged_rates():
     losses = np.array([[1.0, 2.0], [0.1, np.inf], [0.5, 0.5], [np.nan, 0.0]])
     assert baselines.best_learning_rate(losses, [1, 2, 3, 4]) == 3
+
+
+def test_a_best_rate_at_the_end_of_the_grid_is_reported(caplog):
+    assert baselines.best_learning_rate(np.array([[1.0], [0.5], [0.1]]), [1, 2, 3]) == 3
+    assert "at the end of the grid 1 .. 3" in caplog.text
+    caplog.clear()
+    assert baselines.best_learning_rate(np.array([[1.0], [0.1], [0.5]]), [1, 2, 3]) == 2
+    assert "end of the grid" not in caplog.text

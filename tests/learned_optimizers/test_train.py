@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from common import metrics
+from common import metrics, workdirs
 from learned_optimizers import evaluate, lstm, tasks, train
 
 
@@ -233,3 +233,26 @@ def test_pes_meta_step_accumulates_perturbations_and_resets_them_with_new_tasks(
         assert np.isfinite(float(out["meta_loss"]))
         norms.append(float(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(state.perturbation_sums))))
     np.testing.assert_allclose(np.array(norms) / one_unroll, [1, 2, 1], rtol=0.1)
+
+
+def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, caplog):
+    config = dataclasses.replace(TINY, second_order=False, num_steps=4, checkpoint_every=2,
+                                 log_every=1, validate_every=2, num_validation_tasks=2,
+                                 num_test_tasks=2, eval_horizons=(6,))
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    timed = dataclasses.replace(config, max_minutes=1e-9)  # out of time at every checkpoint
+    workdir = tmp_path / "timed"
+    caplog.set_level("INFO")
+    assert int(train.train_and_evaluate(timed, str(workdir)).step) == 2
+    assert "Stopping after meta-step 2 of 4: --max_minutes=1e-09" in caplog.text
+    assert not (workdir / evaluate.EVAL_FILE).exists(), "evaluated an unfinished run"
+    resumed = train.train_and_evaluate(timed, str(workdir))
+    assert int(resumed.step) == 4 and (workdir / evaluate.EVAL_FILE).exists()
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    family = workdirs.read_json(str(workdir / evaluate.EVAL_FILE))["families"]["quadratic"]
+    for name, curve in family["mean_curves"].items():  # the per-step curves behind the table
+        assert len(curve) == 7
+        np.testing.assert_allclose(curve[6], family["stats"][name]["6"]["mean"], rtol=1e-6)
+    with pytest.raises(ValueError, match="max_minutes must be >= 0"):
+        dataclasses.replace(config, max_minutes=-1.0).validate()
