@@ -27,6 +27,7 @@ import optax
 from absl import app, flags
 from matplotlib.figure import Figure
 
+from benchmarks import machine
 from common import config as config_lib
 from common import metrics, workdirs
 from launch import flags as launch_flags
@@ -300,17 +301,7 @@ def meta_step_speed(name: str, block_sizes, rounds: int) -> dict:
         print(f"meta-step, block {b}: {rows[str(b)]}", flush=True)
     return {"config": name, "matmul_peak_flops_per_s": peak, "matmul_peaks": peaks,
             "copy_bytes_per_s": bandwidth, "copy_bandwidths": bandwidths,
-            "cpu_model": cpu_model(), "command": command(), "rows": rows}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0]} x {len(names)}" if names else platform.processor()
+            "machine": machine.machine_record(), "command": command(), "rows": rows}
 
 
 def print_table(results: dict) -> None:
@@ -344,8 +335,7 @@ def main(argv):
             previous = json.load(f)
     results = {**{row_key(row): row for row in previous.get("quality", {}).values()
                   if row["config"] not in configs}, **results}
-    report = {"machine": {"platform": platform.platform(), "processor": cpu_model(),
-                          "cpu_count": os.cpu_count(), "devices": str(jax.devices())},
+    report = {"machine": {**machine.machine_record(), "devices": str(jax.devices())},
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
                            "optax": optax.__version__},
               "flags": {"configs": configs, "seeds": seeds, "root": root,

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import platform
 import signal
 import time
 
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import xla_profile
+from benchmarks import machine, xla_profile
 from common import parallel
 from maml import core, tasks, train
 
@@ -269,8 +268,7 @@ def main():
 
     data = np.random.default_rng(0).integers(0, 256, (200, 20, 28, 28), np.uint8)
     peak = matmul_peak_flops()
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+    results = {"machine": machine.machine_record(),
                "versions": {"jax": jax.__version__, "torch": torch.__version__,
                             "torch_omp_wait_policy": args.torch_omp_wait_policy,
                             "numpy": np.__version__},

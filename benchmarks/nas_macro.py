@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 
 import jax
@@ -40,6 +39,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
+from benchmarks import machine
 from common import config as config_lib
 from nas import history as history_lib
 from nas import train
@@ -270,8 +270,7 @@ def main():
     os.makedirs(RESULTS, exist_ok=True)
     save_figure(os.path.join(RESULTS, "nas_macro.png"), table, oracle)
     out = {"benchmark": "nas_macro", "protocol": __doc__.split("\n\n")[1],
-           "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "cpu_count": os.cpu_count()},
+           "machine": machine.machine_record(),
            "versions": {"jax": jax.__version__, "numpy": np.__version__},
            "reported_seeds": list(REPORTED_SEEDS), "tuning_seeds": list(TUNING_SEEDS),
            "defaults": config_lib.to_dict(DEFAULTS), "tuning_sweep": sweep,

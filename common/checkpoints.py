@@ -88,6 +88,10 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` without `force` would save (every `save_every` steps)."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: Any, force: bool = False) -> bool:
         """Starts saving `state` as checkpoint `step` (asynchronously); `CheckpointError` with one
         line if the disk cannot hold it or an earlier save failed."""

@@ -323,6 +323,35 @@ def final_evaluation(config: Config, learner: core.Learner | None, params,
                              baseline_lr=config.meta_lr, baseline_tasks=config.meta_batch_size)
 
 
+def evaluate_checkpoint(workdir: str, ways: int, shots: int, episodes: int = 600) -> dict:
+    """The newest checkpoint of the run in `workdir` evaluated on `episodes` `ways`-way
+    `shots`-shot test episodes of its held-out characters (Prototypical Networks and the
+    pretrained baseline at any ways and shots; MAML at its own ways, its output layer's size).
+    Writes `results_<ways>way<shots>shot.json` in `workdir`; returns the results with the
+    checkpoint's step."""
+    trained = config_lib.from_dict(Config, workdirs.read_json(
+        os.path.join(workdir, workdirs.CONFIG_FILE)))
+    if trained.dataset != "omniglot":
+        raise ValueError(f"{workdir} is a {trained.dataset} run; only Omniglot runs are "
+                         "evaluated at other ways and shots.")
+    if trained.learner == "maml" and ways != trained.ways:
+        raise ValueError(f"MAML's network in {workdir} has {trained.ways} outputs; it cannot be "
+                         f"evaluated {ways}-way.")
+    config = dataclasses.replace(trained, ways=ways, shots=shots,
+                                 train_ways=trained.train_ways or trained.ways)
+    state = create_train_state(trained, jax.random.PRNGKey(trained.seed))
+    with checkpoints.Checkpoints(workdir, trained.checkpoint_every) as ckpts:
+        state, step = ckpts.restore_latest(state)
+    if not step:
+        raise ValueError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+    results = evaluate.classification_results(
+        make_adapter(config, make_learner(config)), state.meta_params, make_task_source(config),
+        episodes, test_inner_steps(config))
+    results["step"] = step
+    metrics.write_json(os.path.join(workdir, f"results_{ways}way{shots}shot.json"), results)
+    return results
+
+
 def _train_loop(config: Config, mesh, learner: core.Learner | None, source: tasks.TaskSource,
                 state: core.MetaState, start_step: int, ckpts: checkpoints.Checkpoints,
                 writer: metrics.MetricWriter) -> tuple[core.MetaState, int]:

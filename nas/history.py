@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -84,11 +86,33 @@ def write_history(workdir: str, space: SearchSpace, history: Sequence[Record]) -
     os.replace(tmp, path)
 
 
-def append_history(workdir: str, space: SearchSpace, record: Record) -> None:
-    with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-        f.write(record.to_json(space) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class HistoryAppender:
+    """Appends records to history.jsonl, written and synced to disk at most every `sync_every_s`
+    seconds: a record that took longer than that to evaluate (a child training) is on disk as soon
+    as it finishes, while cheap ones (a table lookup) are synced in batches. `flush()` writes what
+    is pending; the search calls it before every checkpoint and at the end, so the history on disk
+    is never behind the searcher's saved state. A kill loses at most `sync_every_s` seconds of
+    evaluations, which the resumed search proposes and evaluates again."""
+
+    def __init__(self, workdir: str, space: SearchSpace, sync_every_s: float):
+        self.path = os.path.join(workdir, HISTORY_FILE)
+        self.space, self.sync_every_s = space, sync_every_s
+        self.pending: list[str] = []
+        self.last_sync = -math.inf
+
+    def append(self, record: Record) -> None:
+        self.pending.append(record.to_json(self.space) + "\n")
+        if time.monotonic() - self.last_sync >= self.sync_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            with open(self.path, "a") as f:
+                f.writelines(self.pending)
+                f.flush()
+                os.fsync(f.fileno())
+            self.pending = []
+        self.last_sync = time.monotonic()
 
 
 def count_evaluations(history: Sequence[Record]) -> int:

@@ -50,8 +50,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import sys
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, TextIO
 
 import jax
 import numpy as np
@@ -66,7 +68,7 @@ from nas import controller as controller_lib
 from nas import evaluate
 from nas.child import ChildConfig, ChildObjective, ChildTrainer, load_child_data
 from nas.controller import ControllerConfig, ControllerState
-from nas.history import (Record, append_history, best_record, count_evaluations, history_arrays,
+from nas.history import (HistoryAppender, Record, best_record, count_evaluations, history_arrays,
                          read_history, write_history)
 from nas.search_space import (FILTER_SIZES, NUM_FILTERS, STRIDES, Architecture, MacroBenchmark,
                               Objective, SearchSpace, cnn_space, reward_and_info)
@@ -114,6 +116,9 @@ class Config:
       final_num_steps: CNN space: training steps of the final retraining of the best
         architecture (test accuracy).
       checkpoint_every: Controller steps between checkpoints (REINFORCE).
+      history_sync_s: history.jsonl is synced to disk at most every this many seconds (and
+          before each checkpoint): slow evaluations are saved as they finish, cheap ones in
+          batches (0: every record at once).
       log_every: Proposals between metric rows.
     """
     algorithm: str = choice("reinforce", ALGORITHMS)
@@ -132,6 +137,7 @@ class Config:
     child: ChildConfig = nested(ChildConfig)
     final_num_steps: int = 2000
     checkpoint_every: int = 10
+    history_sync_s: float = 1.0
     log_every: int = 10
 
     @property
@@ -142,13 +148,16 @@ class Config:
         config_lib.check_choices(self)
         check_positive(self, ("budget", "max_proposals_factor", "architectures_per_step",
                               "checkpoint_every", "log_every"))
+        if self.history_sync_s < 0:
+            raise ValueError(f"history_sync_s must be >= 0, got {self.history_sync_s}.")
         check_positive(self.evolution, ("population_size", "tournament_size"))
         self.controller.validate()
         self.child.validate()
 
 
 # Keys a rerun may change without starting a different run.
-RESUMABLE_KEYS = ("budget", "max_proposals_factor", "data_dir", "checkpoint_every", "log_every",
+RESUMABLE_KEYS = ("budget", "max_proposals_factor", "data_dir", "checkpoint_every",
+                  "history_sync_s", "log_every",
                   "final_num_steps")
 
 
@@ -432,15 +441,45 @@ class SearchResult:
         return len(self.history)
 
 
+def progress_printer(budget: int, every_s: float = 10.0, stream: TextIO | None = None
+                     ) -> Callable[[list[Record]], None]:
+    """An `on_step` that prints `evaluations n/budget, proposals, best reward, elapsed, ETA` to
+    `stream` (default stderr) at most every `every_s` seconds and once the budget is spent:
+    progress in a Python session, where absl's INFO logging is off without `app.run`."""
+    start = time.monotonic()
+    last = [-math.inf]
+
+    def on_step(history: list[Record]) -> None:
+        now, spent = time.monotonic(), count_evaluations(history)
+        if now - last[0] < every_s and spent < budget:
+            return
+        last[0] = now
+        elapsed = now - start
+        eta = elapsed / spent * (budget - spent) if spent else math.inf
+        print(f"search: evaluations {spent}/{budget}, proposals {len(history)}, best reward "
+              f"{best_record(history).reward:.6g}, {elapsed:.0f} s elapsed, ETA "
+              f"{eta:.0f} s", file=stream or sys.stderr, flush=True)
+
+    return on_step
+
+
 def search(config: Config, space: SearchSpace, objective: Objective,
-           on_step: Callable[[list[Record]], None] | None = None) -> SearchResult:
+           on_step: Callable[[list[Record]], None] | None = None,
+           progress: bool = True) -> SearchResult:
     """`config.algorithm` over `space` for `config.budget` evaluations of `objective`, in memory:
     no workdir, no files, no checkpoints. `objective(architecture)` returns a reward (any real
     number, higher is better) or `(reward, info)`; `on_step(history)` is called after each batch
-    of proposals (e.g. to print progress)."""
+    of proposals; `progress` prints a line every 10 s and at the end (`progress_printer`)."""
     config.validate()
+    printer = progress_printer(min(config.budget, space.size)) if progress else None
+
+    def each_step(history: list[Record]) -> None:
+        for callback in (printer, on_step):
+            if callback:
+                callback(history)
+
     history = run_search(make_searcher(config, space), objective, space, config.budget,
-                         config.max_proposals, on_step=on_step)
+                         config.max_proposals, on_step=each_step)
     return SearchResult(history, best_record(history))
 
 
@@ -562,9 +601,11 @@ def _search(config: Config, workdir: str, config_dict: dict[str, Any], mesh: Mes
         progress = metrics.Progress(config.budget, count_evaluations(history[:replay_from]))
         pending = metrics.PendingMetrics(last_checkpoint=ckpts.last_good)
 
+        appender = HistoryAppender(workdir, space, config.history_sync_s)
+
         def on_record(record: Record) -> None:
             if main:
-                append_history(workdir, space, record)
+                appender.append(record)
 
         def on_step(done: list[Record]) -> None:
             n = len(done)
@@ -573,6 +614,8 @@ def _search(config: Config, workdir: str, config_dict: dict[str, Any], mesh: Mes
                          "evaluations": done[-1].evaluations, **searcher.last_metrics})
             row = pending.fetch(n)[-1]
             step = searcher.step
+            if finished or (step and ckpts.due(step)) or workdirs.preemption_requested():
+                appender.flush()  # the history on disk before the state that covers it
             if step and step != ckpts.latest_step():  # a last, partial batch leaves the step
                 if ckpts.save(step, searcher.state, force=finished):
                     pending.checkpointed(step)
@@ -585,4 +628,6 @@ def _search(config: Config, workdir: str, config_dict: dict[str, Any], mesh: Mes
             return run_search(searcher, objective, space, config.budget, config.max_proposals,
                               history, on_record, on_step)
         finally:
+            if main:
+                appender.flush()
             writer.close()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import config as config_lib
 from common import metrics, parallel
 from maml import evaluate, protonet, tasks, train
 from maml.evaluate import EvalConfig
@@ -102,3 +103,17 @@ def test_short_training_beats_chance_on_omniglot(tmp_path, omniglot_cache):
     assert mean > 0.65, f"5-way accuracy {mean:.3f}: chance is 0.2, an untrained embedding ~0.5"
     rows = metrics.read_metrics(str(tmp_path))
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # The final checkpoint on the same episodes gives the same numbers; 20-way is harder.
+    again = train.evaluate_checkpoint(str(tmp_path), 5, 1, 200)
+    assert again["step"] == 40
+    np.testing.assert_allclose(again["accuracy"], results["accuracy"], rtol=1e-6)
+    wider = train.evaluate_checkpoint(str(tmp_path), 20, 1, 50)
+    assert 0.2 < wider["accuracy"][0] < mean and wider["ways"] == 20, wider
+    assert (tmp_path / "results_20way1shot.json").exists()
+
+
+def test_maml_is_evaluated_only_at_its_own_ways(tmp_path):
+    config = train.Config(dataset="omniglot", ways=5)
+    metrics.write_json(str(tmp_path / "config.json"), config_lib.to_dict(config))
+    with pytest.raises(ValueError, match="has 5 outputs; it cannot be evaluated 20-way"):
+        train.evaluate_checkpoint(str(tmp_path), 20, 1)

@@ -14,6 +14,7 @@ from nas import history as history_lib
 from nas import train
 from nas.controller import ControllerConfig
 from nas.search_space import SearchSpace
+from tests.conftest import run_python
 
 SPACE = SearchSpace((("a", (0, 1)), ("b", ("x", "y", "z")), ("c", (1, 2, 3, 4))))
 
@@ -192,6 +193,62 @@ def test_resume_after_kill_replays_history_without_reevaluating(tmp_path, algori
         assert os.path.isdir(os.path.join(workdir, "checkpoints"))
 
 
+KILLED_SEARCH = """
+import os, sys
+from nas import train
+from nas.controller import ControllerConfig
+from tests.nas.test_train import SPACE, toy_objective
+calls = []
+def dying(architecture):  # a kill -9 at the 15th evaluation: nothing is flushed
+    if len(calls) == 14:
+        os._exit(9)
+    calls.append(architecture)
+    return toy_objective(architecture)
+config = train.Config(algorithm="reinforce", budget=24, architectures_per_step=4,
+                      controller=ControllerConfig(hidden_size=8, learning_rate=0.05),
+                      checkpoint_every=3, history_sync_s=1e9)
+train.train_and_evaluate(config, sys.argv[1], space=SPACE, objective=dying,
+                         objective_name="toy")
+"""
+
+
+def test_batched_history_syncs_are_never_behind_a_checkpoint_after_kill_9(tmp_path):
+    """history_sync_s=1e9: records reach the disk only before checkpoints; a kill -9 loses the
+    unsynced ones, which the resumed search evaluates again, and ends as an unkilled run."""
+    config, _ = _config(tmp_path, history_sync_s=1e9)
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"), space=SPACE,
+                                         objective=toy_objective, objective_name="toy")
+    workdir = str(tmp_path / "killed")
+    proc = run_python(["-c", KILLED_SEARCH, workdir], check=False)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    on_disk = history_lib.read_history(workdir)
+    assert len(on_disk) == 12, "synced before the checkpoint of step 3 only: 2 evaluations lost"
+    saved = checkpoints.Checkpoints(workdir, 3).latest_step()  # 3, or 1 if 3 was still in flight
+    assert 4 * saved <= len(on_disk), "the history on disk covers the saved state"
+    resumed = train.train_and_evaluate(config, workdir, space=SPACE, objective=toy_objective,
+                                       objective_name="toy")
+    strip = lambda row: {k: v for k, v in row.items() if k != "cost_s"}  # noqa: E731
+    assert strip(resumed["best"]) == strip(straight["best"])
+    a = [strip(json.loads(line)) for line in open(os.path.join(workdir, "history.jsonl"))]
+    b = [strip(json.loads(line)) for line in open(tmp_path / "straight" / "history.jsonl")]
+    assert a == b
+
+
+def test_history_appender_syncs_slow_records_at_once_and_cheap_ones_in_batches(tmp_path):
+    record = lambda i: history_lib.Record(i, (0, 0, 0), 1.0, {}, 0.0)  # noqa: E731
+    lines = lambda: len(open(tmp_path / "history.jsonl").read().splitlines())  # noqa: E731
+    every = history_lib.HistoryAppender(str(tmp_path), SPACE, 0.0)
+    every.append(record(0))
+    assert lines() == 1
+    batched = history_lib.HistoryAppender(str(tmp_path), SPACE, 1e9)
+    batched.append(record(1))  # the first record: nothing synced yet, so it is due
+    batched.append(record(2))
+    batched.append(record(3))
+    assert lines() == 2 and len(batched.pending) == 2
+    batched.flush()
+    assert lines() == 4 and not batched.pending
+
+
 def test_history_of_another_run_is_refused(tmp_path):
     config, workdir = _config(tmp_path, seed=1)
     train.train_and_evaluate(dataclasses.replace(config, algorithm="random", budget=5), workdir,
@@ -239,7 +296,7 @@ def test_the_default_objective_name_is_the_objectives_name(tmp_path):
         train.train_and_evaluate(config, workdir, space=SPACE, objective=_other_objective)
 
 
-def test_in_memory_search_example():
+def test_in_memory_search_example(capsys):
     """The README's example: REINFORCE (the defaults) without a workdir; the reward any real
     number, higher is better."""
     space = SearchSpace((("activation", ("relu", "tanh", "gelu")), ("width", (8, 16, 32, 64)),
@@ -257,6 +314,9 @@ def test_in_memory_search_example():
     assert space.decode(result.best.architecture) == {"activation": "gelu", "width": 64,
                                                       "depth": 2}
     assert result.best.reward == max(objective(a) for a in np.ndindex(*space.num_choices))
+    printed = capsys.readouterr().err.strip().splitlines()  # the progress, without app.run
+    assert printed[-1].startswith(f"search: evaluations 20/20, proposals {result.proposals}, "
+                                  f"best reward {result.best.reward:.6g}"), printed
 
 
 def test_user_defined_space_and_objective_through_the_public_api(tmp_path):
