@@ -169,12 +169,16 @@ class Progress:
         remaining = (self.total_steps - step) / max(rates["steps_per_s"], 1e-9)
         shown = ", ".join(f"{k}={_format(_plain(v))}" for k, v in metrics.items())
         line = (f"step {step}/{self.total_steps} | {rates['steps_per_s']:.2f} steps/s"
-                + (f", {rates[self.item_name + '_per_s']:.0f} {self.item_name}/s"
+                + (f", {_rate(rates[self.item_name + '_per_s'])} {self.item_name}/s"
                    if self.items_per_step else "")
                 + f" | ETA {_duration(remaining)} | {shown}")
         if jax.process_index() == 0:
             logging.info(line)
         return rates
+
+
+def _rate(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def _format(v: Any) -> str:
@@ -196,14 +200,22 @@ def due(done: int, every: int, total: int) -> bool:
 
 class PendingMetrics:
     """Step metrics left on the device until a loop needs them (fetching every step would stall
-    the dispatch of the next), then brought to the host together and checked to be finite."""
+    the dispatch of the next), then brought to the host together and checked to be finite.
 
-    def __init__(self, last_checkpoint: int | None):
+    `add` also bounds JAX's asynchronous dispatch: it waits until the step `max_in_flight` before
+    the newest has finished, so the loop never runs more than that many steps ahead of the
+    device. The device stays busy, and a preemption signal, checked after each step, is acted on
+    (the state saved) within `max_in_flight` steps rather than after a whole queue of them."""
+
+    def __init__(self, last_checkpoint: int | None, max_in_flight: int = 2):
         self.last_checkpoint = last_checkpoint
+        self.max_in_flight = max_in_flight
         self._pending: list = []
 
     def add(self, step_metrics: Mapping[str, Any]) -> None:
         self._pending.append(step_metrics)
+        if len(self._pending) > self.max_in_flight:
+            jax.block_until_ready(self._pending[-1 - self.max_in_flight])
 
     def fetch(self, step: int) -> list[dict]:
         """The metrics of steps `step - n + 1 .. step` (the n added since the last fetch) as

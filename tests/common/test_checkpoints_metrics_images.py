@@ -98,6 +98,25 @@ def test_pending_metrics_come_back_in_order_and_name_the_first_bad_step():
     assert [metrics.due(d, 4, 10) for d in (3, 4, 8, 9, 10)] == [False, True, True, False, True]
 
 
+def test_pending_metrics_keep_at_most_two_steps_in_flight():
+    """`add` waits for the step two before the newest: a loop never runs far ahead of the device
+    (a preemption is acted on within two steps)."""
+    waited = []
+
+    class Step:
+        def __init__(self, i):
+            self.i = i
+
+        def block_until_ready(self):
+            waited.append(self.i)
+            return self
+
+    pending = metrics.PendingMetrics(last_checkpoint=None)
+    for i in range(5):
+        pending.add({"loss": Step(i)})
+        assert waited == list(range(max(0, i - 1))), (i, waited)
+
+
 def test_image_grid_places_each_image():
     tiles = np.stack([np.full((2, 3, 1), v, np.uint8) for v in (10, 20, 30)])
     grid = images.image_grid(tiles, ncols=2, pad=1)
