@@ -43,6 +43,8 @@ def machine_now() -> dict:
 def method_name(config: dict) -> str:
     if config.get("learner", "maml") == "protonet":
         return "Prototypical Networks"
+    if config.get("learner") == "pretrain":
+        return "pretrained classifier, head fitted to the support set"
     return "MAML, first order" if config["inner"]["first_order"] else "MAML"
 
 

@@ -259,6 +259,9 @@ def main():
     parser.add_argument("--orders", default="second,first", help="meta-gradient orders to time")
     parser.add_argument("--memory_steps", default="1,5,10")
     parser.add_argument("--runs_dir", default="runs")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="per-op profiles of the second-order steps (needs tensorflow's "
+                             "profiler protos, the [bench] extra)")
     parser.add_argument("--out", default="benchmarks/results/maml.json")
     parser.add_argument("--torch_omp_wait_policy", default="ACTIVE",
                         help="OMP_WAIT_POLICY of the PyTorch process (ACTIVE, PASSIVE, or '' for "
@@ -319,7 +322,7 @@ def main():
                 "fraction_of_matmul_peak": cost["flops"] / s_ours / peak}
             print(f"{key:22s} {s_ours:12.3f} {s_torch:12.3f} {s_torch / s_ours:7.2f} "
                   f"{cost['flops'] / s_ours / 1e9:8.1f}", flush=True)
-            if not first_order:
+            if not first_order and args.profile:
                 results["speed"][key]["stages_ours_s"] = stage_table(config, batch)
                 ops = xla_profile.op_profile(
                     lambda: [ours(on_device) for _ in range(args.steps)],
