@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import time
 from typing import Any, Iterator
 
 import jax
@@ -208,3 +209,16 @@ def resume(workdir: str, checkpoint_every: int, config: Any, state: Any, log_eve
             yield ckpts, state, start_step, writer
         finally:
             writer.close()
+
+
+def out_of_time(start_time: float, max_minutes: float, done: int, num_steps: int,
+                step_name: str = "step") -> bool:
+    """At a checkpoint: whether a run with steps left should stop because `max_minutes` (0: no
+    limit) have passed since `start_time` (`time.monotonic()`; every process agrees, process 0's
+    clock deciding). Logs the stop; the same command continues from that checkpoint."""
+    if not (max_minutes and done < num_steps and parallel.agree(
+            workdirs.out_of_time(start_time, max_minutes, time.monotonic()))):
+        return False
+    logging.info("Stopping after %s %d of %d: --max_minutes=%g has passed; the same command "
+                 "continues from this checkpoint.", step_name, done, num_steps, max_minutes)
+    return True

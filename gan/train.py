@@ -417,17 +417,13 @@ def _train_loop(config: Config, workdir: str, mesh, state: GANState, train_image
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             pending.checkpointed(done)
-        out_of_time = (is_checkpoint and config.max_minutes and done < total_steps
-                       and parallel.agree(workdirs.out_of_time(start_time, config.max_minutes,
-                                                          time.monotonic())))
+        out_of_time = is_checkpoint and checkpoints.out_of_time(
+            start_time, config.max_minutes, done, total_steps)
         if jax.process_index() == 0 and (out_of_time
                                          or metrics.due(done, config.sample_every, total_steps)):
             writer.flush()
             save_pictures(config, workdir, state, done)  # also the pictures of where it stops
         if out_of_time:
-            logging.info("Stopping after step %d of %d: --max_minutes=%g has passed; the same "
-                         "command continues from this checkpoint.", done, total_steps,
-                         config.max_minutes)
             break
         ckpts.stop_if_preempted(done, state)
     return state, done

@@ -404,11 +404,8 @@ def _train_loop(config: Config, mesh, family: tasks.TaskFamily, state: MetaTrain
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             pending.checkpointed(done)
-            if config.max_minutes and done < config.num_steps and parallel.agree(
-                    workdirs.out_of_time(start_time, config.max_minutes, time.monotonic())):
-                logging.info("Stopping after meta-step %d of %d: --max_minutes=%g has passed; "
-                             "the same command continues from this checkpoint.", done,
-                             config.num_steps, config.max_minutes)
+            if checkpoints.out_of_time(start_time, config.max_minutes, done, config.num_steps,
+                                       "meta-step"):
                 break
         ckpts.stop_if_preempted(done, state)
     return state, done

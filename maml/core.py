@@ -98,6 +98,33 @@ class MetaState:
     opt_state: Any
 
 
+def model_state(model, key: jax.Array, example_input: jax.Array,
+                optimizer: optax.GradientTransformation) -> MetaState:
+    """The state of a learner without an inner loop: `meta_params` are `model`'s Flax
+    parameters."""
+    params = model.init(key, example_input)["params"]
+    return MetaState(step=jnp.zeros((), jnp.int32), meta_params=params,
+                     opt_state=optimizer.init(params))
+
+
+def make_loss_step(loss: Callable[[Any, dict], tuple[jax.Array, dict]],
+                   optimizer: optax.GradientTransformation
+                   ) -> Callable[[MetaState, dict], tuple[MetaState, dict]]:
+    """`train_step(state, tasks) -> (state, metrics)` of a learner without an inner loop: one
+    `optimizer` update on the gradient of `loss(params, tasks) -> (value, metrics)` (not jitted;
+    `train.jit_train_step` jits it with the tasks sharded over the devices, whose gradients XLA
+    then averages)."""
+    def train_step(state: MetaState, tasks: dict):
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.meta_params, tasks)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
+        state = MetaState(step=state.step + 1,
+                          meta_params=optax.apply_updates(state.meta_params, updates),
+                          opt_state=opt_state)
+        return state, {"meta_loss": value, **metrics, "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
 # ------------------------------------------------------------------------------------------------
 # Adaptation
 

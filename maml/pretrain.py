@@ -62,27 +62,11 @@ def classification_loss(model: Classifier, params, tasks: dict) -> tuple[jax.Arr
     return loss, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 
 
-def create_state(model: Classifier, key: jax.Array, example_input: jax.Array,
-                 optimizer: optax.GradientTransformation) -> core.MetaState:
-    params = model.init(key, example_input)["params"]
-    return core.MetaState(step=jnp.zeros((), jnp.int32), meta_params=params,
-                          opt_state=optimizer.init(params))
-
-
 def make_train_step(model: Classifier, optimizer: optax.GradientTransformation
                     ) -> Callable[[core.MetaState, dict], tuple[core.MetaState, dict]]:
-    """`train_step(state, tasks) -> (state, metrics)`: one `optimizer` update on the gradient of
-    `classification_loss` (not jitted)."""
-    def train_step(state: core.MetaState, tasks: dict):
-        (loss, metrics), grads = jax.value_and_grad(classification_loss, argnums=1,
-                                                    has_aux=True)(model, state.meta_params, tasks)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
-        state = core.MetaState(step=state.step + 1,
-                               meta_params=optax.apply_updates(state.meta_params, updates),
-                               opt_state=opt_state)
-        return state, {"meta_loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-
-    return train_step
+    """`core.make_loss_step` on `classification_loss` (not jitted)."""
+    return core.make_loss_step(lambda params, tasks: classification_loss(model, params, tasks),
+                               optimizer)
 
 
 def fit_head(features: jax.Array, labels: jax.Array, ways: int, steps: int,

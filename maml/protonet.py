@@ -97,29 +97,12 @@ def batch_loss(model: nn.Module, params, tasks: dict, ways: int, bn_statistics: 
     return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
 
-def create_state(model: nn.Module, key: jax.Array, example_input: jax.Array,
-                 optimizer: optax.GradientTransformation) -> core.MetaState:
-    params = model.init(key, example_input)["params"]
-    return core.MetaState(step=jnp.zeros((), jnp.int32), meta_params=params,
-                          opt_state=optimizer.init(params))
-
-
 def make_train_step(model: nn.Module, ways: int, bn_statistics: str,
                     optimizer: optax.GradientTransformation
                     ) -> Callable[[core.MetaState, dict], tuple[core.MetaState, dict]]:
-    """`train_step(state, tasks) -> (state, metrics)`: one `optimizer` update on the gradient of
-    `batch_loss` over the `ways`-way episodes `tasks` (not jitted; `train.jit_train_step` jits it
-    with the episodes sharded over the devices, whose gradients XLA then averages)."""
-    def train_step(state: core.MetaState, tasks: dict):
-        (loss, metrics), grads = jax.value_and_grad(batch_loss, argnums=1, has_aux=True)(
-            model, state.meta_params, tasks, ways, bn_statistics)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
-        state = core.MetaState(step=state.step + 1,
-                               meta_params=optax.apply_updates(state.meta_params, updates),
-                               opt_state=opt_state)
-        return state, {"meta_loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-
-    return train_step
+    """`core.make_loss_step` on `batch_loss` over the `ways`-way episodes (not jitted)."""
+    return core.make_loss_step(
+        lambda params, tasks: batch_loss(model, params, tasks, ways, bn_statistics), optimizer)
 
 
 def make_adapter(model: nn.Module, ways: int, bn_statistics: str) -> Callable:

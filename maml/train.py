@@ -207,12 +207,9 @@ def slow_prefixes(config: Config) -> tuple[str, ...]:
 
 
 def create_train_state(config: Config, key: jax.Array) -> core.MetaState:
-    if config.learner == "protonet":
-        return protonet.create_state(make_model(config), key, example_input(config),
-                                     make_optimizer(config))
-    if config.learner == "pretrain":
-        return pretrain.create_state(make_model(config), key, example_input(config),
-                                     make_optimizer(config))
+    if config.learner != "maml":
+        return core.model_state(make_model(config), key, example_input(config),
+                                make_optimizer(config))
     fast, slow = models.init_split(make_model(config), key, example_input(config),
                                    slow_prefixes(config))
     return core.create_meta_state(config.inner, fast, slow, make_optimizer(config))
@@ -385,11 +382,8 @@ def _train_loop(config: Config, mesh, learner: core.Learner | None, source: task
         if is_checkpoint:
             ckpts.save(done, state, force=True)
             pending.checkpointed(done)
-            if config.max_minutes and done < config.num_steps and parallel.agree(
-                    workdirs.out_of_time(start_time, config.max_minutes, time.monotonic())):
-                logging.info("Stopping after meta-iteration %d of %d: --max_minutes=%g has "
-                             "passed; the same command continues from this checkpoint.", done,
-                             config.num_steps, config.max_minutes)
+            if checkpoints.out_of_time(start_time, config.max_minutes, done, config.num_steps,
+                                       "meta-iteration"):
                 break
         ckpts.stop_if_preempted(done, state)
     return state, done
