@@ -4,19 +4,21 @@
 
 Both steps: the tutorial's DCGAN (same layers, LeakyReLU 0.3, dropout 0.3, batch norm), the
 non-saturating losses from one forward pass, Adam(1e-4, eps 1e-7) for both networks, batch 256.
-The TensorFlow step is the tutorial's `train_step` under `tf.function`. Both run in this process on
-the same Fashion-MNIST batches, alternating ours / theirs every repeat after a warm-up; each figure
-is the median over repeats. Only the ratio is meaningful on a shared machine, and only for the CPU
-it ran on: the JSON's `machine` (`benchmarks/machine.py`) records its model name, family/model,
-core counts and ISA flags (AVX-512, AMX), and the table prints them.
+The TensorFlow step is the tutorial's `train_step` under `tf.function` (`benchmarks/tf_dcgan.py`).
+
+Each framework runs in each of its environments, one fresh process per (framework, environment),
+for `--rounds` rounds (order reversed every other round): ours with and without the CPU settings
+`launch/gan.py` gives its users (`gan/cpu_settings.py`); TensorFlow plain, with oneDNN off, with
+its thread pools sized to the cores, and with those CPU settings. The headline is ours-best /
+TF-best, each framework in its own best environment; every other pairing is reported too. Only
+ratios are meaningful on a shared machine, and only for the CPU they ran on: the JSON's `machine`
+(`benchmarks/machine.py`) records its model name, family/model, core counts and ISA flags
+(AVX-512, AMX), and the table prints them.
 
 Also reported: the FLOPs of our compiled step (XLA's cost analysis) as a fraction of this machine's
 fp32 matmul peak measured here, a per-op profile of our step (XLA ops from a JAX profiler trace),
 and the peak resident memory of a training process at batch 64, 256 and 1024 (one subprocess
-each). The main process runs with the CPU settings `launch/gan.py` gives its users
-(`gan/cpu_settings.py`: XLA_FLAGS routing convolutions away from YNNPACK, GLIBC_TUNABLES hugetlb
-malloc; `GAN_CPU_SETTINGS=0` measures without them); `--env_compare` reruns the ours/TF comparison
-in a subprocess in the other environment.
+each).
 """
 
 from __future__ import annotations
@@ -36,26 +38,24 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks import machine, xla_profile  # noqa: E402
+from benchmarks import machine, tf_dcgan, xla_profile  # noqa: E402
 from gan import cpu_settings  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 256, "Batch size of both steps.")
 flags.DEFINE_integer("steps", 5, "Steps per timed repeat.")
-flags.DEFINE_integer("repeats", 5, "Alternating repeats (median reported).")
+flags.DEFINE_integer("repeats", 3, "Timed repeats per process (median over all rounds reported).")
 flags.DEFINE_integer("child_batch", None, "Internal: measure peak RSS of training at this batch.")
 flags.DEFINE_enum("child_framework", "ours", ["ours", "tf"],
                   "Internal: whose step --child_batch runs.")
 flags.DEFINE_bool("only_memory", False,
                   "Measure only the peak RSS by batch and update it in an existing --output.")
-flags.DEFINE_bool("child_ratio", False, "Internal: print only the ours/TF figures as JSON.")
-flags.DEFINE_bool("env_compare", True, "Also compare without/with the launcher's CPU settings.")
-flags.DEFINE_integer("env_steps", 5, "Steps per repeat of the --env_compare subprocess.")
-flags.DEFINE_integer("env_repeats", 3, "Repeats of the --env_compare subprocess.")
+flags.DEFINE_integer("rounds", 2, "Rounds over every (framework, environment) process.")
+flags.DEFINE_enum("child_throughput", None, ["ours", "tf"],
+                  "Internal: print this framework's images/s per repeat as JSON.")
 flags.DEFINE_string("output", "benchmarks/results/gan_speed.json", "Where to write the JSON.")
 FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOISE_DIM = 100
 
 
 def real_batches(batch_size: int, count: int) -> list[np.ndarray]:
@@ -103,66 +103,7 @@ def time_ours(step, batches) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# The TensorFlow tutorial
-
-
-def tf_step(batch_size: int):
-    """The tutorial's models, losses, optimizers and `train_step`, verbatim up to the batch."""
-    import tensorflow as tf
-    from tensorflow.keras import layers
-
-    def make_generator_model():
-        model = tf.keras.Sequential([
-            layers.Input((NOISE_DIM,)),
-            layers.Dense(7 * 7 * 256, use_bias=False), layers.BatchNormalization(),
-            layers.LeakyReLU(), layers.Reshape((7, 7, 256)),
-            layers.Conv2DTranspose(128, (5, 5), strides=(1, 1), padding="same", use_bias=False),
-            layers.BatchNormalization(), layers.LeakyReLU(),
-            layers.Conv2DTranspose(64, (5, 5), strides=(2, 2), padding="same", use_bias=False),
-            layers.BatchNormalization(), layers.LeakyReLU(),
-            layers.Conv2DTranspose(1, (5, 5), strides=(2, 2), padding="same", use_bias=False,
-                                   activation="tanh")])
-        return model
-
-    def make_discriminator_model():
-        return tf.keras.Sequential([
-            layers.Input((28, 28, 1)),
-            layers.Conv2D(64, (5, 5), strides=(2, 2), padding="same"), layers.LeakyReLU(),
-            layers.Dropout(0.3),
-            layers.Conv2D(128, (5, 5), strides=(2, 2), padding="same"), layers.LeakyReLU(),
-            layers.Dropout(0.3), layers.Flatten(), layers.Dense(1)])
-
-    generator, discriminator = make_generator_model(), make_discriminator_model()
-    cross_entropy = tf.keras.losses.BinaryCrossentropy(from_logits=True)
-    generator_optimizer = tf.keras.optimizers.Adam(1e-4, epsilon=1e-7)
-    discriminator_optimizer = tf.keras.optimizers.Adam(1e-4, epsilon=1e-7)
-
-    def discriminator_loss(real_output, fake_output):
-        return (cross_entropy(tf.ones_like(real_output), real_output)
-                + cross_entropy(tf.zeros_like(fake_output), fake_output))
-
-    def generator_loss(fake_output):
-        return cross_entropy(tf.ones_like(fake_output), fake_output)
-
-    @tf.function
-    def train_step(images):
-        noise = tf.random.normal([batch_size, NOISE_DIM])
-        with tf.GradientTape() as gen_tape, tf.GradientTape() as disc_tape:
-            generated_images = generator(noise, training=True)
-            real_output = discriminator(images, training=True)
-            fake_output = discriminator(generated_images, training=True)
-            gen_loss = generator_loss(fake_output)
-            disc_loss = discriminator_loss(real_output, fake_output)
-        gradients_of_generator = gen_tape.gradient(gen_loss, generator.trainable_variables)
-        gradients_of_discriminator = disc_tape.gradient(disc_loss,
-                                                        discriminator.trainable_variables)
-        generator_optimizer.apply_gradients(zip(gradients_of_generator,
-                                                generator.trainable_variables))
-        discriminator_optimizer.apply_gradients(zip(gradients_of_discriminator,
-                                                    discriminator.trainable_variables))
-        return gen_loss, disc_loss
-
-    return train_step
+# The TensorFlow tutorial (benchmarks/tf_dcgan.py)
 
 
 def time_tf(step, batches) -> float:
@@ -177,29 +118,78 @@ def time_tf(step, batches) -> float:
 # Measurements
 
 
-def compare(batch_size: int, steps: int, repeats: int) -> dict:
-    """Alternating repeats of ours and TF on the same batches; medians of images/s."""
-    import tensorflow as tf
+def throughput(framework: str, batch_size: int, steps: int, repeats: int) -> list[float]:
+    """Images/s of `repeats` timed runs of `steps` steps of one framework's step, in this process
+    (its environment as started), after a warm-up of two compile/trace runs of 2 steps."""
     batches = real_batches(batch_size, steps)
-    ours, _ = our_step(batch_size)
-    theirs = tf_step(batch_size)
-    tf_batches = [tf.constant(b) for b in batches]
-    for _ in range(2):  # warm-up: compile / trace, first-touch of buffers
-        time_ours(ours, batches[:2])
-        time_tf(theirs, tf_batches[:2])
-    ours_s, tf_s = [], []
-    for _ in range(repeats):
-        ours_s.append(time_ours(ours, batches))
-        tf_s.append(time_tf(theirs, tf_batches))
-    ours_ips = [batch_size * steps / s for s in ours_s]
-    tf_ips = [batch_size * steps / s for s in tf_s]
-    return {"images_per_s_ours": statistics.median(ours_ips),
-            "images_per_s_tf": statistics.median(tf_ips),
-            "ratio": statistics.median([a / b for a, b in zip(ours_ips, tf_ips)]),
-            "ms_per_step_ours": 1e3 * statistics.median(ours_s) / steps,
-            "ms_per_step_tf": 1e3 * statistics.median(tf_s) / steps,
-            "images_per_s_ours_all": ours_ips, "images_per_s_tf_all": tf_ips,
-            "tensorflow": tf.__version__}
+    if framework == "ours":
+        step, timer = our_step(batch_size)[0], time_ours
+    else:
+        import tensorflow as tf
+        step, timer, batches = tf_dcgan.tutorial(batch_size)[0], time_tf, [tf.constant(b) for b in batches]
+    for _ in range(2):
+        timer(step, batches[:2])
+    return [batch_size * steps / timer(step, batches) for _ in range(repeats)]
+
+
+def environments(environ) -> dict[str, dict[str, dict[str, str]]]:
+    """{framework: {label: environment}}: ours with and without the launcher's CPU settings;
+    TensorFlow plain, with oneDNN off, with its thread pools sized to the cores, and with the
+    launcher's settings (hugetlb malloc; the XLA flag does not reach TensorFlow's kernels)."""
+    plain = cpu_settings.without_settings(environ)
+    return {"ours": {"cpu settings": cpu_settings.with_settings(environ), "plain": plain},
+            "tf": {"plain": plain,
+                   "oneDNN off": {**plain, "TF_ENABLE_ONEDNN_OPTS": "0"},
+                   "threads = cores": {**plain, "TF_NUM_INTRAOP_THREADS": str(os.cpu_count()),
+                                       "TF_NUM_INTEROP_THREADS": "1"},
+                   "cpu settings": cpu_settings.with_settings(environ)}}
+
+
+ENV_KEYS = ("XLA_FLAGS", "GLIBC_TUNABLES", "TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS",
+            "TF_NUM_INTEROP_THREADS")
+
+
+def child_throughput(framework: str, env: dict[str, str], batch_size: int, steps: int,
+                     repeats: int) -> list[float]:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gan_speed",
+                           f"--child_throughput={framework}", f"--batch_size={batch_size}",
+                           f"--steps={steps}", f"--repeats={repeats}"],
+                          capture_output=True, text=True, cwd=REPO,
+                          env=dict(env, PYTHONPATH=REPO))
+    if proc.returncode:
+        raise RuntimeError(f"{framework} throughput child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fair_comparison(batch_size: int, steps: int, repeats: int, rounds: int) -> dict:
+    """Every framework in each of its environments, one fresh process each, `rounds` times (the
+    order reversed every other round); medians of images/s. Headline: the best of ours over the
+    best of TensorFlow's, each framework in its own best environment."""
+    envs = environments(os.environ)
+    runs = [(fw, label) for fw, by_label in envs.items() for label in by_label]
+    samples = {run: [] for run in runs}
+    for r in range(rounds):
+        for fw, label in (runs if r % 2 == 0 else runs[::-1]):
+            samples[(fw, label)] += child_throughput(fw, envs[fw][label], batch_size, steps,
+                                                     repeats)
+            print(f"round {r + 1}/{rounds}: {fw:4s} {label:16s} "
+                  f"{statistics.median(samples[(fw, label)]):7.1f} img/s", flush=True)
+    table = {fw: {label: {"images_per_s": statistics.median(samples[(fw, label)]),
+                          "images_per_s_all": samples[(fw, label)],
+                          "env": {k: env[k] for k in ENV_KEYS if k in env}}
+                  for label, env in by_label.items()} for fw, by_label in envs.items()}
+    best = {fw: max(by_label, key=lambda label: by_label[label]["images_per_s"])
+            for fw, by_label in table.items()}
+    ours_best = table["ours"][best["ours"]]["images_per_s"]
+    tf_best = table["tf"][best["tf"]]["images_per_s"]
+    return {"throughput": table, "best_environment": best,
+            "images_per_s_ours": ours_best, "images_per_s_tf": tf_best,
+            "ratio": ours_best / tf_best,
+            "ratios": {f"ours {a} / tf {b}": table["ours"][a]["images_per_s"]
+                       / table["tf"][b]["images_per_s"]
+                       for a in table["ours"] for b in table["tf"]},
+            "ms_per_step_ours": 1e3 * batch_size / ours_best,
+            "ms_per_step_tf": 1e3 * batch_size / tf_best}
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -245,8 +235,7 @@ def peak_rss_mib(batch_size: int, framework: str = "ours") -> float:
     """Peak resident memory (MiB) of a process running 3 train steps (ours or TensorFlow's) at
     `batch_size`, data included."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gan_speed",
-                           f"--child_batch={batch_size}", f"--child_framework={framework}",
-                           "--env_compare=false"],
+                           f"--child_batch={batch_size}", f"--child_framework={framework}"],
                           capture_output=True, text=True, check=True, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=REPO))
     return float(proc.stdout.strip().splitlines()[-1])
@@ -275,7 +264,7 @@ def main(argv):
     del argv
     if FLAGS.child_batch:
         if FLAGS.child_framework == "tf":
-            time_tf(tf_step(FLAGS.child_batch), real_batches(FLAGS.child_batch, 3))
+            time_tf(tf_dcgan.tutorial(FLAGS.child_batch)[0], real_batches(FLAGS.child_batch, 3))
         else:
             time_ours(our_step(FLAGS.child_batch)[0], real_batches(FLAGS.child_batch, 3))
         print(peak_rss_of_this_process_mib())
@@ -289,37 +278,28 @@ def main(argv):
         with open(FLAGS.output, "w") as f:
             json.dump(result, f, indent=2)
         return
-    if FLAGS.child_ratio:
-        steps, repeats = FLAGS.env_steps, FLAGS.env_repeats
-        print(json.dumps({"steps": steps, "repeats": repeats,
-                          **compare(FLAGS.batch_size, steps, repeats)}))
+    if FLAGS.child_throughput:
+        print(json.dumps(throughput(FLAGS.child_throughput, FLAGS.batch_size, FLAGS.steps,
+                                    FLAGS.repeats)))
         return
     import jax
     result = {"machine": machine.machine_record(),
               "versions": {"jax": jax.__version__, "python": platform.python_version()},
               "env": environment(os.environ),
-              "flags": {k: FLAGS[k].value for k in ("batch_size", "steps", "repeats")},
+              "flags": {k: FLAGS[k].value for k in ("batch_size", "steps", "repeats", "rounds")},
               "load_before": load()}
-    result.update(compare(FLAGS.batch_size, FLAGS.steps, FLAGS.repeats))
+    print(f"Machine: {machine.describe(result['machine'])}", flush=True)
+    result.update(fair_comparison(FLAGS.batch_size, FLAGS.steps, FLAGS.repeats, FLAGS.rounds))
+    result["versions"]["tensorflow"] = tensorflow_version()
     result["load_after_compare"] = load()
     flops = step_flops(FLAGS.batch_size)
     peak = matmul_peak_flops()
+    here = result["throughput"]["ours"][result["env"]["label"]]["images_per_s"]
     result.update({"flops_per_step": flops, "matmul_peak_flops": peak,
-                   "achieved_flops": flops * result["images_per_s_ours"] / FLAGS.batch_size,
-                   "flops_fraction_of_peak":
-                       flops * result["images_per_s_ours"] / FLAGS.batch_size / peak})
+                   "achieved_flops": flops * here / FLAGS.batch_size,
+                   "flops_fraction_of_peak": flops * here / FLAGS.batch_size / peak})
     result["op_profile"] = op_profile(FLAGS.batch_size)
     result.update(peak_rss_by_batch())
-    if FLAGS.env_compare:
-        other = (cpu_settings.with_settings if result["env"]["label"] == "plain"
-                 else cpu_settings.without_settings)(os.environ)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.gan_speed", "--child_ratio",
-                               f"--batch_size={FLAGS.batch_size}",
-                               f"--env_steps={FLAGS.env_steps}",
-                               f"--env_repeats={FLAGS.env_repeats}"], capture_output=True, text=True,
-                              cwd=REPO, env=dict(other, PYTHONPATH=REPO), check=True)
-        result["other_env"] = {**environment(other),
-                               **json.loads(proc.stdout.strip().splitlines()[-1])}
     result["load_after"] = load()
     print_table(result)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
@@ -328,17 +308,23 @@ def main(argv):
     print("wrote", FLAGS.output)
 
 
+def tensorflow_version() -> str:
+    proc = subprocess.run([sys.executable, "-c", "import tensorflow as tf; print(tf.__version__)"],
+                          capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def print_table(r: dict) -> None:
     print(f"\nMachine: {machine.describe(r['machine'])}")
-    print(f"DCGAN train step, batch {r['flags']['batch_size']} (load {r['load_before']} -> "
-          f"{r['load_after']})")
-    print(f"{'':28s}{'ours img/s':>12s}{'TF img/s':>12s}{'ratio':>8s}")
-    rows = [(r["env"]["label"], r)]
-    if "other_env" in r:
-        rows.append((r["other_env"]["label"], r["other_env"]))
-    for label, x in rows:
-        print(f"{label:28s}{x['images_per_s_ours']:12.1f}{x['images_per_s_tf']:12.1f}"
-              f"{x['ratio']:8.2f}")
+    print(f"DCGAN train step, batch {r['flags']['batch_size']}, each framework in each of its "
+          f"environments (load {r['load_before']} -> {r['load_after']})")
+    for fw, by_label in r["throughput"].items():
+        for label, x in by_label.items():
+            mark = "  <- best" if r["best_environment"][fw] == label else ""
+            print(f"  {'ours' if fw == 'ours' else 'TF':5s}{label:18s}{x['images_per_s']:9.1f} img/s{mark}")
+    print(f"ours-best / TF-best = {r['ratio']:.2f}")
+    for pairing, ratio in r["ratios"].items():
+        print(f"  {pairing:44s}{ratio:6.2f}")
     print(f"FLOPs/step {r['flops_per_step'] / 1e9:.1f} G; achieved {r['achieved_flops'] / 1e9:.1f} "
           f"GFLOP/s; matmul peak {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; fraction "
           f"{r['flops_fraction_of_peak']:.3f}")

@@ -53,7 +53,8 @@ PAPER = {"controller_learning_rate": 6e-4, "controller_normalize_advantages": Fa
          "controller_reward_transform": "cubed", "controller_temperature": 1.0,
          "controller_tanh_constant": 0.0, "controller_entropy_weight": 1e-4,
          "controller_baseline_decay": 0.95, "controller_updates_per_step": 1,
-         "controller_ppo_clip": 0.0, "architectures_per_step": 5}
+         "controller_ppo_clip": 0.0, "controller_topk_size": 0, "controller_topk_weight": 0.0,
+         "architectures_per_step": 5}
 # The paper's levers changed one at a time from PAPER, then variations around STAGE (the first
 # combination that worked); every row sets all levers, so the sweep does not depend on the
 # defaults of the day.
@@ -61,6 +62,7 @@ NORMALIZED = {**PAPER, "controller_learning_rate": 1e-2, "controller_normalize_a
               "controller_reward_transform": "identity"}
 ENAS = {**NORMALIZED, "controller_temperature": 5.0, "controller_tanh_constant": 2.5}
 STAGE = {**ENAS, "controller_entropy_weight": 0.2, "controller_updates_per_step": 3}
+DECAY = {**STAGE, "controller_baseline_decay": 0.8, "controller_entropy_weight": 0.3}
 SWEEP = {
     "reinforce": [
         PAPER,
@@ -81,7 +83,16 @@ SWEEP = {
         {**STAGE, "controller_baseline_decay": 0.8},
         {**STAGE, "controller_baseline_decay": 0.8, "controller_updates_per_step": 5},
         {**STAGE, "controller_baseline_decay": 0.8, "controller_learning_rate": 2e-2},
-        {**STAGE, "controller_baseline_decay": 0.8, "controller_entropy_weight": 0.3},
+        DECAY,
+        {**DECAY, "controller_topk_size": 10, "controller_topk_weight": 0.25},
+        {**DECAY, "controller_topk_size": 10, "controller_topk_weight": 0.5},
+        {**DECAY, "controller_topk_size": 10, "controller_topk_weight": 1.0},
+        {**DECAY, "controller_topk_size": 5, "controller_topk_weight": 1.0},
+        {**DECAY, "controller_topk_size": 20, "controller_topk_weight": 1.0},
+        {**DECAY, "controller_topk_size": 10, "controller_topk_weight": 1.0,
+         "controller_entropy_weight": 0.4},
+        {**DECAY, "controller_topk_size": 10, "controller_topk_weight": 0.5,
+         "architectures_per_step": 3},
     ],
     "evolution": [{"evolution_population_size": p, "evolution_tournament_size": s}
                   for p, s in ((10, 3), (20, 5), (20, 10), (50, 10), (50, 25))],
@@ -244,6 +255,9 @@ def main():
     json_path = os.path.join(RESULTS, "nas_macro.json")
     previous = json.load(open(json_path)) if os.path.exists(json_path) else {}
     sweep = tune(benchmark) if args.tune else previous.get("tuning_sweep")
+    for row in sweep or []:  # a kept sweep: against today's defaults
+        row["is_default"] = (configure(row["algorithm"], **row["settings"])
+                             == configure(row["algorithm"]))
 
     table = {algorithm: evaluate(benchmark, algorithm, {}, REPORTED_SEEDS)
              for algorithm in train.ALGORITHMS}

@@ -33,6 +33,16 @@ controller with PPO): with rho_k = pi_theta(a_k) / pi_old(a_k),
 
 whose gradient at theta = theta_old is REINFORCE's; with eps = 0 every step is the REINFORCE loss.
 
+With `topk_size` = K > 0 the controller also imitates the best architectures found so far, as in
+priority queue training (Abolafia et al. 2018, "Neural program synthesis with priority queue
+training"): the state keeps the K distinct architectures of highest reward seen (the batch merged
+in before the update), Q, and every step adds
+
+    - lambda * 1/|Q| sum_{a in Q} log pi_theta(a)        (lambda = `topk_weight`)
+
+to the loss: maximum likelihood on the best-so-far, which moves the policy toward what has
+worked even when the moving baseline has caught up with it.
+
 The LSTM cell is `common.lstm.lstm_cell`. The functions here are unjitted; `nas.train` jits the
 sampling (`jit_sample`) and the update (`jit_train_step`) once per (space, config, mesh).
 """
@@ -66,7 +76,8 @@ class ControllerConfig:
 
     The defaults were chosen on NAS-Bench-Macro's tuning seeds (`benchmarks/nas_macro.py
     --tune`). Zoph & Le's update is learning_rate 6e-4, entropy_weight 1e-4, reward_transform
-    cubed, normalize_advantages off, temperature 1, tanh_constant 0, updates_per_step 1.
+    cubed, normalize_advantages off, temperature 1, tanh_constant 0, updates_per_step 1,
+    topk_size 0.
 
     Attributes:
       hidden_size: Controller LSTM units per layer.
@@ -82,12 +93,15 @@ class ControllerConfig:
       tanh_constant: Logits are c * tanh(logits / temperature); 0 disables (ENAS: 2.5).
       updates_per_step: Adam steps on each batch of architectures.
       ppo_clip: PPO clip range eps of the steps after a batch's first; 0: plain REINFORCE.
+      topk_size: Distinct best-so-far architectures the policy imitates (priority queue
+        training); 0: none.
+      topk_weight: Weight lambda of the imitation term (mean log-likelihood of the top k).
     """
     hidden_size: int = 35
     num_layers: int = 2
     init_range: float = 0.08
     learning_rate: float = 1e-2
-    entropy_weight: float = 0.3
+    entropy_weight: float = 0.4
     baseline_decay: float = 0.8
     reward_transform: str = choice("identity", REWARD_TRANSFORMS)
     normalize_advantages: bool = True
@@ -95,6 +109,8 @@ class ControllerConfig:
     tanh_constant: float = 2.5
     updates_per_step: int = 3
     ppo_clip: float = 0.0
+    topk_size: int = 10
+    topk_weight: float = 1.0
 
     def validate(self) -> None:
         check_choices(self)
@@ -105,6 +121,8 @@ class ControllerConfig:
         if self.temperature <= 0 or self.tanh_constant < 0 or self.ppo_clip < 0:
             raise ValueError("The controller needs temperature > 0, tanh_constant >= 0 and "
                              "ppo_clip >= 0.")
+        if self.topk_size < 0 or self.topk_weight < 0:
+            raise ValueError("The controller needs topk_size >= 0 and topk_weight >= 0.")
         if self.updates_per_step < 1:
             raise ValueError(f"updates_per_step must be >= 1, got {self.updates_per_step}.")
 
@@ -116,6 +134,8 @@ class ControllerState:
     opt_state: Any
     baseline: jax.Array
     variance: jax.Array
+    top_actions: jax.Array  # [K, D]: the K best distinct architectures seen
+    top_rewards: jax.Array  # [K]: their raw rewards, -inf in slots not filled yet
 
 
 def init_params(key: jax.Array, space: SearchSpace, config: ControllerConfig) -> dict:
@@ -197,19 +217,31 @@ def unroll(params: dict, space: SearchSpace, batch_size: int, key: jax.Array | N
 def reinforce_loss(params: dict, actions: jax.Array, advantages: jax.Array, *,
                    space: SearchSpace, entropy_weight: float,
                    old_log_probs: jax.Array | None = None, ppo_clip: float = 0.0,
-                   temperature: float = 1.0, tanh_constant: float = 0.0):
+                   temperature: float = 1.0, tanh_constant: float = 0.0,
+                   top_actions: jax.Array | None = None, top_valid: jax.Array | None = None,
+                   topk_weight: float = 0.0):
     """-mean(A_k log pi(a_k)) - beta mean(H_k), or with `old_log_probs` and `ppo_clip` > 0 the
-    clipped surrogate -mean(min(rho_k A_k, clip(rho_k, 1 -+ eps) A_k)) - beta mean(H_k); also
-    returns (log_probs, entropies)."""
+    clipped surrogate -mean(min(rho_k A_k, clip(rho_k, 1 -+ eps) A_k)) - beta mean(H_k); with
+    `top_actions` [K, D] also - lambda * (mean log pi over the `top_valid` ones). Also returns
+    (log_probs, entropies) of `actions`."""
+    m = actions.shape[0]
+    if top_actions is not None:
+        actions = jnp.concatenate([actions, top_actions.astype(actions.dtype)])
     _, log_probs, entropies = unroll(params, space, actions.shape[0], actions=actions,
                                      temperature=temperature, tanh_constant=tanh_constant)
+    imitation = 0.0
+    if top_actions is not None:
+        top_log_probs = log_probs[m:]
+        imitation = (jnp.sum(jnp.where(top_valid, top_log_probs, 0.0))
+                     / jnp.maximum(jnp.sum(top_valid), 1))
+    log_probs, entropies = log_probs[:m], entropies[:m]
     if old_log_probs is None or ppo_clip <= 0:
         surrogate = advantages * log_probs
     else:
         ratio = jnp.exp(log_probs - old_log_probs)
         surrogate = jnp.minimum(ratio * advantages,
                                 jnp.clip(ratio, 1 - ppo_clip, 1 + ppo_clip) * advantages)
-    loss = -jnp.mean(surrogate) - entropy_weight * jnp.mean(entropies)
+    loss = -jnp.mean(surrogate) - entropy_weight * jnp.mean(entropies) - topk_weight * imitation
     return loss, (log_probs, entropies)
 
 
@@ -219,12 +251,27 @@ def optimizer(config: ControllerConfig) -> optax.GradientTransformation:
 
 def init_state(key: jax.Array, space: SearchSpace, config: ControllerConfig) -> ControllerState:
     """Fresh parameters (`init_params`), Adam's state, step 0, baseline 0 and variance 1 (both
-    replaced by the first batch's)."""
+    replaced by the first batch's), an empty top-k."""
     params = init_params(key, space, config)
     return ControllerState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=optimizer(config).init(params),
                            baseline=jnp.zeros((), jnp.float32),
-                           variance=jnp.ones((), jnp.float32))
+                           variance=jnp.ones((), jnp.float32),
+                           top_actions=jnp.zeros((config.topk_size, len(space)), jnp.int32),
+                           top_rewards=jnp.full((config.topk_size,), -jnp.inf, jnp.float32))
+
+
+def merge_top(top_actions: jax.Array, top_rewards: jax.Array, actions: jax.Array,
+              rewards: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The K = len(top_rewards) distinct architectures of highest reward among the top list and
+    the batch (a repeat counts once); slots without one keep reward -inf."""
+    candidates = jnp.concatenate([top_actions, actions.astype(top_actions.dtype)])
+    candidate_rewards = jnp.concatenate([top_rewards, rewards.astype(top_rewards.dtype)])
+    same = jnp.all(candidates[:, None, :] == candidates[None, :, :], axis=-1)
+    repeat = jnp.any(jnp.tril(same, k=-1), axis=1)  # equal to an earlier candidate
+    best, index = jax.lax.top_k(jnp.where(repeat, -jnp.inf, candidate_rewards),
+                                top_rewards.shape[0])
+    return candidates[index], best
 
 
 def sample(params: dict, key: jax.Array, *, space: SearchSpace, batch_size: int,
@@ -256,13 +303,19 @@ def update(state: ControllerState, actions: jax.Array, rewards: jax.Array, *,
            space: SearchSpace, config: ControllerConfig):
     """`updates_per_step` Adam steps on one batch of architectures and their (raw) rewards, then
     the moving baseline and scale; metrics of the batch under the policy that sampled it."""
+    top_actions, top_rewards = state.top_actions, state.top_rewards
+    imitation = {}
+    if config.topk_size:
+        top_actions, top_rewards = merge_top(top_actions, top_rewards, actions, rewards)
+        imitation = dict(top_actions=top_actions, top_valid=jnp.isfinite(top_rewards),
+                         topk_weight=config.topk_weight)
     transformed = REWARD_TRANSFORMS[config.reward_transform](rewards.astype(jnp.float32))
     adv, baseline, variance = advantages(transformed, state, config)
     policy = dict(temperature=config.temperature, tanh_constant=config.tanh_constant)
     old_log_probs, entropies = jax.lax.stop_gradient(log_prob(state.params, actions, space=space,
                                                               **policy))
     loss_fn = functools.partial(reinforce_loss, space=space, entropy_weight=config.entropy_weight,
-                                ppo_clip=config.ppo_clip, **policy)
+                                ppo_clip=config.ppo_clip, **policy, **imitation)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     opt = optimizer(config)
 
@@ -278,7 +331,8 @@ def update(state: ControllerState, actions: jax.Array, rewards: jax.Array, *,
     new_baseline = decay * baseline + (1 - decay) * jnp.mean(transformed)
     new_variance = decay * variance + (1 - decay) * jnp.mean((transformed - baseline) ** 2)
     new_state = ControllerState(step=state.step + 1, params=params, opt_state=opt_state,
-                                baseline=new_baseline, variance=new_variance)
+                                baseline=new_baseline, variance=new_variance,
+                                top_actions=top_actions, top_rewards=top_rewards)
     return new_state, {"loss": losses[0], "baseline": baseline, "mean_reward": jnp.mean(rewards),
                        "log_prob": jnp.mean(old_log_probs), "entropy": jnp.mean(entropies),
                        "grad_norm": grad_norms[0]}

@@ -106,7 +106,7 @@ ONE_CONFIG = controller_lib.ControllerConfig(hidden_size=4, num_layers=1, learni
                                             entropy_weight=0.0, baseline_decay=0.5,
                                             reward_transform="cubed", normalize_advantages=False,
                                             temperature=1.0, tanh_constant=0.0,
-                                            updates_per_step=1)
+                                            updates_per_step=1, topk_size=0)
 
 
 @jax.jit
@@ -237,3 +237,63 @@ def test_ppo_steps_are_clipped_and_the_first_equals_reinforce():
     np.testing.assert_allclose(grad(log_probs - 0.5, [1.0, 1.0], 0.2), 0.0)  # rho = e^0.5
     np.testing.assert_allclose(grad(log_probs + 0.5, [-1.0, -1.0], 0.2), 0.0)  # rho = e^-0.5
     assert np.abs(grad(log_probs + 0.5, [1.0, 1.0], 0.2)).max() > 1e-3  # rho < 1 + eps: kept
+
+
+def test_merge_top_keeps_the_best_distinct_architectures():
+    """Against a Python dedupe-and-sort: a batch repeating a kept architecture and itself, a new
+    best, and slots left empty (-inf) until enough distinct ones are seen."""
+    top_actions = jnp.array([[1, 2, 3], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    top_rewards = jnp.array([0.7, -jnp.inf, -jnp.inf, -jnp.inf])
+    batch = [((1, 2, 3), 0.7), ((0, 1, 2), 0.9), ((0, 1, 2), 0.9), ((2, 2, 2), 0.1)]
+    actions, rewards = controller_lib.merge_top(
+        top_actions, top_rewards, jnp.array([a for a, _ in batch]),
+        jnp.array([r for _, r in batch]))
+    seen = dict([((1, 2, 3), 0.7)] + batch)
+    want = sorted(seen.items(), key=lambda item: -item[1])
+    assert [tuple(int(x) for x in a) for a in np.asarray(actions)[:3]] == [a for a, _ in want]
+    np.testing.assert_allclose(np.asarray(rewards)[:3], [r for _, r in want])
+    assert np.isneginf(np.asarray(rewards)[3])
+    # a full list: a worse newcomer stays out, a better one displaces the worst
+    actions, rewards = controller_lib.merge_top(actions, rewards, jnp.array([[2, 0, 0], [2, 1, 0]]),
+                                                jnp.array([0.05, 0.8]))
+    assert [tuple(int(x) for x in a) for a in np.asarray(actions)] == [
+        (0, 1, 2), (2, 1, 0), (1, 2, 3), (2, 2, 2)]
+
+
+def test_imitation_term_is_the_mean_log_likelihood_of_the_valid_top_k():
+    params = jax.tree.map(lambda x: 10 * x, controller_lib.init_params(jax.random.PRNGKey(11),
+                                                                        SPACE, CONFIG))
+    actions, advantages = jnp.array([[0, 1, 2], [1, 0, 3]]), jnp.array([0.5, -0.5])
+    top = jnp.array([[1, 2, 0], [0, 0, 1], [1, 1, 1]])
+    valid = jnp.array([True, True, False])
+    loss = lambda **kw: float(controller_lib.reinforce_loss(  # noqa: E731
+        params, actions, advantages, space=SPACE, entropy_weight=0.1, **kw)[0])
+    top_log_probs = np.asarray(controller_lib.log_prob(params, top, space=SPACE)[0], np.float64)
+    want = loss() - 0.7 * top_log_probs[:2].mean()
+    np.testing.assert_allclose(loss(top_actions=top, top_valid=valid, topk_weight=0.7), want,
+                               rtol=1e-5)
+    np.testing.assert_allclose(  # an empty slot's architecture does not count
+        loss(top_actions=top.at[2].set(jnp.array([0, 2, 3])), top_valid=valid, topk_weight=0.7),
+        want, rtol=1e-5)
+
+
+def test_imitation_moves_the_policy_toward_the_best_so_far():
+    """The same batches with and without imitating the top 1: the best architecture of the
+    first batch, never sampled again, keeps more probability with the imitation term."""
+    def best_probability(topk_size):
+        config = controller_lib.ControllerConfig(hidden_size=4, num_layers=1, entropy_weight=0.0,
+                                                 learning_rate=0.05, temperature=1.0,
+                                                 tanh_constant=0.0, topk_size=topk_size,
+                                                 topk_weight=1.0)
+        ctrl = Controller(THREE, config)
+        state = ctrl.init(jax.random.PRNGKey(12))
+        state, _ = ctrl.update(state, jnp.array([[0], [1]]), jnp.array([0.2, 0.9]))
+        for reward in (0.5, 0.6, 0.7):
+            state, _ = ctrl.update(state, jnp.array([[2], [0]]), jnp.array([reward, 0.1]))
+        probability = np.exp(float(ctrl.log_prob(state.params, jnp.array([[1]]))[0][0]))
+        return probability, np.asarray(state.top_actions)
+
+    without, _ = best_probability(0)
+    with_imitation, top = best_probability(1)
+    assert top.tolist() == [[1]]
+    assert with_imitation > without + 0.05, (without, with_imitation)
