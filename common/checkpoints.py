@@ -81,6 +81,7 @@ class Checkpoints:
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.config = config
         self.last_good: int | None = None  # the newest step saved or verified by this run
+        self.restored_config: Any = None  # the config saved with the checkpoint restored
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
@@ -149,6 +150,7 @@ class Checkpoints:
                 problem = f"unreadable: {type(e).__name__}: {text}"
             if problem is None:
                 self.last_good = step
+                self.restored_config = restored["meta"].get("config")
                 return restored["state"], step
             self._move_aside(step, problem)
         return target, 0
@@ -199,12 +201,15 @@ def resume(workdir: str, checkpoint_every: int, config: Any, state: Any, log_eve
            ) -> Iterator[tuple[Checkpoints, Any, int, metrics.MetricWriter]]:
     """How every training loop starts: (checkpoints, the state restored from the newest intact
     checkpoint or `state`, its step or 0, a metrics writer resumed at that step), all closed when
-    the block ends."""
+    the block ends. The rows before the checkpoint are checked against the `log_every` saved with
+    it (the interval they were logged at), not today's."""
     with Checkpoints(workdir, checkpoint_every, config) as ckpts:
         state, start_step = ckpts.restore_latest(state)
         if start_step:
             logging.info("Resumed from the checkpoint of step %d.", start_step)
-        writer = metrics.MetricWriter(workdir, resume_step=start_step, log_every=log_every)
+        saved = ckpts.restored_config
+        logged_every = saved.get("log_every", log_every) if isinstance(saved, dict) else log_every
+        writer = metrics.MetricWriter(workdir, resume_step=start_step, log_every=logged_every)
         try:
             yield ckpts, state, start_step, writer
         finally:

@@ -188,6 +188,26 @@ def test_missing_metrics_rows_are_reported_on_resume(tmp_path, caplog):
         in caplog.text
 
 
+@pytest.mark.parametrize("deleted", [False, True])
+def test_resume_checks_the_rows_against_the_interval_they_were_logged_at(tmp_path, caplog,
+                                                                        deleted):
+    """Logged every 10 steps up to the checkpoint of step 40, continued with --log_every=5: no
+    rows are missing (steps 5, 15, ... were never due), unless one of the 10s was deleted."""
+    state = {"w": np.zeros(3, np.float32)}
+    with checkpoints.resume(str(tmp_path), 40, {"log_every": 10}, state, 10) as (ckpts, _, _, w):
+        for step in (10, 20, 30, 40):
+            w.write(step, {"loss": 1.0})
+        ckpts.save(40, state, force=True)
+    if deleted:
+        rows = (tmp_path / metrics.METRICS_FILE).read_text().splitlines()
+        (tmp_path / metrics.METRICS_FILE).write_text("\n".join(rows[:1] + rows[2:]) + "\n")
+    with checkpoints.resume(str(tmp_path), 40, {"log_every": 5}, state, 5) as (_, _, start, _):
+        assert start == 40
+    assert ("lacks the rows of 1 logged steps before the checkpoint of step 40 (steps 20 to 20)"
+            in caplog.text) == deleted
+    assert ("lacks the rows" in caplog.text) == deleted
+
+
 @pytest.mark.parametrize("launcher, flags, message", [
     ("gan", ["--num_steps=0"], "Error: num_steps must be positive, got 0."),
     ("gan", ["--num_steps=-5"], "Error: num_steps must be positive, got -5."),
