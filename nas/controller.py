@@ -251,14 +251,16 @@ def optimizer(config: ControllerConfig) -> optax.GradientTransformation:
 
 def init_state(key: jax.Array, space: SearchSpace, config: ControllerConfig) -> ControllerState:
     """Fresh parameters (`init_params`), Adam's state, step 0, baseline 0 and variance 1 (both
-    replaced by the first batch's), an empty top-k."""
+    replaced by the first batch's), an empty top-k (one unused slot when `topk_size` is 0:
+    Orbax does not save empty arrays)."""
     params = init_params(key, space, config)
+    slots = max(config.topk_size, 1)
     return ControllerState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=optimizer(config).init(params),
                            baseline=jnp.zeros((), jnp.float32),
                            variance=jnp.ones((), jnp.float32),
-                           top_actions=jnp.zeros((config.topk_size, len(space)), jnp.int32),
-                           top_rewards=jnp.full((config.topk_size,), -jnp.inf, jnp.float32))
+                           top_actions=jnp.zeros((slots, len(space)), jnp.int32),
+                           top_rewards=jnp.full((slots,), -jnp.inf, jnp.float32))
 
 
 def merge_top(top_actions: jax.Array, top_rewards: jax.Array, actions: jax.Array,
