@@ -62,9 +62,13 @@ def ours(seed: int, epochs: int, epoch_steps: int) -> list[dict]:
                           eval=eval_config(epoch_steps))
     workdir = os.path.join(FLAGS.workdir, f"ours_seed{seed}")
     train.train_and_evaluate(config, workdir)
-    return [{"epoch": r["step"] // epoch_steps, **{k[5:]: v for k, v in r.items()
-                                                   if k.startswith("eval_")}}
+    return [{"epoch": r["step"] // epoch_steps, **without_prefix(r)}
             for r in metrics.read_metrics(workdir) if "eval_fid" in r]
+
+
+def without_prefix(row: dict) -> dict:
+    """The `eval_*` metrics of a metrics row, named without the prefix."""
+    return {k[len("eval_"):]: v for k, v in row.items() if k.startswith("eval_")}
 
 
 def tensorflow(seed: int, epochs: int, epoch_steps: int, train_images: np.ndarray) -> list[dict]:
@@ -86,8 +90,7 @@ def tensorflow(seed: int, epochs: int, epoch_steps: int, train_images: np.ndarra
         result = evaluate.evaluate_images(evaluate.to_unit_range(samples, (-1.0, 1.0)), DATASET,
                                           FLAGS.data_dir, eval_config(epoch_steps), "train",
                                           "test", seed)
-        rows.append({"epoch": epoch, **{k[5:]: v for k, v in
-                                        evaluate.flat_metrics(result).items()}})
+        rows.append({"epoch": epoch, **without_prefix(evaluate.flat_metrics(result))})
         logging.info("TensorFlow seed %d epoch %d: FID %.2f", seed, epoch, rows[-1]["fid"])
     return rows
 
@@ -132,12 +135,10 @@ def main(argv):
                     else tensorflow(seed, FLAGS.epochs, epoch_steps, train_images))
             result["runs"][name] = {"framework": framework, "seed": seed, "per_epoch": rows,
                                     "seconds": time.time() - start}
-            result["comparison"] = inside_tf_range(result)
             save(result)
     import jax
     import tensorflow as tf
     result["versions"] = {"jax": jax.__version__, "tensorflow": tf.__version__}
-    result["comparison"] = inside_tf_range(result)
     save(result)
     for row in result["comparison"]:
         print(f"epoch {row['epoch']}: TF FID {row['tf_min']:.2f}..{row['tf_max']:.2f}, ours "
@@ -145,6 +146,8 @@ def main(argv):
 
 
 def save(result: dict) -> None:
+    """Writes the JSON, with the comparison of the runs so far, and the FID curves' PNG."""
+    result["comparison"] = inside_tf_range(result)
     metrics.write_json(FLAGS.output, result)
     curves = {name: ([r["epoch"] for r in run["per_epoch"]], [r["fid"] for r in run["per_epoch"]])
               for name, run in sorted(result["runs"].items())}

@@ -116,13 +116,19 @@ def make_loss_step(loss: Callable[[Any, dict], tuple[jax.Array, dict]],
     then averages)."""
     def train_step(state: MetaState, tasks: dict):
         (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.meta_params, tasks)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
-        state = MetaState(step=state.step + 1,
-                          meta_params=optax.apply_updates(state.meta_params, updates),
-                          opt_state=opt_state)
-        return state, {"meta_loss": value, **metrics, "grad_norm": optax.tree.norm(grads)}
+        return apply_meta_gradient(state, grads, optimizer, value, metrics)
 
     return train_step
+
+
+def apply_meta_gradient(state: MetaState, grads: Any, optimizer: optax.GradientTransformation,
+                        meta_loss: jax.Array, metrics: dict) -> tuple[MetaState, dict]:
+    """One `optimizer` update of the meta-parameters with `grads`; the step's metrics row."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
+    state = MetaState(step=state.step + 1,
+                      meta_params=optax.apply_updates(state.meta_params, updates),
+                      opt_state=opt_state)
+    return state, {"meta_loss": meta_loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,11 +299,7 @@ def make_meta_step(learner: Learner, config: MetaConfig, optimizer: optax.Gradie
     def meta_step(state: MetaState, tasks: dict):
         weights = step_weights(config, state.step)
         grads, loss, metrics = sharded_gradient(state.meta_params, tasks, weights)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
-        state = MetaState(step=state.step + 1,
-                          meta_params=optax.apply_updates(state.meta_params, updates),
-                          opt_state=opt_state)
-        return state, {"meta_loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+        return apply_meta_gradient(state, grads, optimizer, loss, metrics)
 
     return meta_step
 
