@@ -9,10 +9,12 @@ minibatches (their order a pure function of (seed, step)), and its reward is the
 held-out validation examples. The test split is used once, by `nas.evaluate.final_test`, for the
 architecture the search chose.
 
-Compilation is per architecture *shape* (its layer tuple): the jitted train chunk (a `lax.scan`
-over `steps_per_call` steps) and the evaluation function are compiled ahead of time by
+Compilation is per architecture *shape* (its layer tuple): the jitted train chunk (`steps_per_call`
+steps, a fully unrolled `lax.scan`) and the evaluation function are compiled ahead of time by
 `jit_child` (`jit(...).lower(...).compile()`), cached by `ChildTrainer`, and their compile time is
-reported apart from the training time.
+reported apart from the training time. The chunk is unrolled because XLA's CPU backend runs the
+gradient convolutions of a *rolled* loop body through a slow generic path (jax-ml/jax#12868); the
+unrolled chunk computes the same steps (tested against one jitted step at a time).
 
 Data parallelism: training and evaluation run over a `common.parallel` mesh. Every minibatch (and
 every evaluation batch) is split along the mesh's `data` axis; parameters and Adam state are
@@ -25,6 +27,7 @@ the order of the floating-point reduction).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -58,7 +61,7 @@ class ChildConfig:
       learning_rate: Child Adam learning rate.
       validation_size: Training examples held out for validation (the reward).
       padding: Convolution padding.
-      steps_per_call: Training steps per compiled call (one `lax.scan`).
+      steps_per_call: Training steps per compiled call (unrolled: compile time grows with it).
       eval_batch_size: Evaluation batch (rounded up to a multiple of the number of devices).
     """
     dataset: str = "fashion_mnist"
@@ -67,7 +70,7 @@ class ChildConfig:
     learning_rate: float = 3e-3
     validation_size: int = 5000
     padding: str = choice("SAME", PADDINGS)
-    steps_per_call: int = 50
+    steps_per_call: int = 10
     eval_batch_size: int = 500
 
     def validate(self) -> None:
@@ -155,7 +158,8 @@ def make_init(model: nn.Module, optimizer: optax.GradientTransformation, seed: i
 def make_train_chunk(model: nn.Module, optimizer: optax.GradientTransformation,
                      batch_sharding: NamedSharding):
     """train_chunk(params, opt_state, images, labels, idx, active): `len(idx)` Adam steps on
-    minibatches images[idx[t]] (split by `batch_sharding`); steps with active=False skipped."""
+    minibatches images[idx[t]] (split by `batch_sharding`); steps with active=False skipped. The
+    steps are unrolled (see the module docstring)."""
     def train_chunk(params, opt_state, images, labels, idx, active):
         def step(carry, xs):
             params, opt_state = carry
@@ -167,7 +171,8 @@ def make_train_chunk(model: nn.Module, optimizer: optax.GradientTransformation,
             new = (optax.apply_updates(params, updates), new_opt_state)
             return optax.tree.where(is_active, new, (params, opt_state)), loss
 
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, active))
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, active),
+                                                       unroll=True)
         return params, opt_state, losses
     return train_chunk
 
@@ -250,12 +255,17 @@ class ChildTrainer:
     fixed data, caching compiled functions per architecture shape; `seed` fixes the children's
     initialisation and minibatch order.
 
+    The cache keeps the `max_cached_shapes` most recently used shapes: every compiled child holds
+    hundreds of memory mappings of JIT-compiled code, and an unbounded cache ends a long search
+    at the kernel's limit on mappings (`vm.max_map_count`, 65,530 by default: about 100 shapes)
+    with "LLVM compilation error: Cannot allocate memory" and a crash.
+
     `config.batch_size` is the global minibatch; it must be divisible by the number of devices.
     The evaluation batch is `config.eval_batch_size` rounded up to a multiple of it.
     """
 
     def __init__(self, config: ChildConfig, child_data: ChildData, mesh: Mesh | None = None,
-                 seed: int = 0):
+                 seed: int = 0, max_cached_shapes: int = 8):
         config.validate()
         self.config, self.data, self.seed = config, child_data, seed
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -265,12 +275,17 @@ class ChildTrainer:
         self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices
         self.train_images, self.train_labels = parallel.replicate(
             self.mesh, (child_data.train.images, child_data.train.labels))
-        self._compiled: dict[Layers, CompiledChild] = {}
+        self._compiled: collections.OrderedDict[Layers, CompiledChild] = collections.OrderedDict()
+        self.max_cached_shapes = max_cached_shapes
         self.compile_s = 0.0
         self.train_s = 0.0
 
     def compiled(self, layers: Layers) -> CompiledChild:
-        if layers not in self._compiled:
+        if layers in self._compiled:
+            self._compiled.move_to_end(layers)
+        else:
+            while len(self._compiled) >= self.max_cached_shapes:
+                self._compiled.popitem(last=False)  # frees its code and mappings
             child = jit_child(layers, self.data.num_classes, self.data.train.image_shape,
                               self.config, len(self.data.train), self.mesh,
                               self.eval_batch_size, self.seed)

@@ -3,7 +3,9 @@ and data-parallel training on 4 simulated devices equal to 1 device."""
 
 import textwrap
 
+import jax
 import numpy as np
+import optax
 import pytest
 
 from common import data
@@ -12,7 +14,7 @@ from nas import history as history_lib
 from nas.search_space import cnn_space
 from tests.conftest import run_python
 
-CONFIG = child.ChildConfig(num_steps=60, batch_size=16, learning_rate=1e-2, steps_per_call=20,
+CONFIG = child.ChildConfig(num_steps=60, batch_size=16, learning_rate=1e-2, steps_per_call=5,
                            eval_batch_size=32, validation_size=40)
 
 
@@ -73,6 +75,55 @@ def test_compiled_steps_are_cached_per_architecture_shape(trainer):
     _, second = trainer.train(layers, num_steps=25)  # another length: the same compiled chunk
     assert first["compile_s"] > 0 and second["compile_s"] == 0
     assert len(trainer._compiled) == shapes
+
+
+def test_unrolled_train_chunk_equals_one_jitted_adam_step_at_a_time(trainer):
+    """13 steps in chunks of 5 (the last: 3 active, 2 skipped) give the parameters and losses of 13 plain
+    Adam steps on the same minibatches, each its own jitted call."""
+    layers = SHAPES[1]
+    params, info = trainer.train(layers, num_steps=13)
+    compiled = trainer.compiled(layers)
+    optimizer = optax.adam(CONFIG.learning_rate)
+
+    @jax.jit
+    def step(params, opt_state, images, labels):
+        loss, grads = jax.value_and_grad(child.child_loss, argnums=1)(compiled.model, params,
+                                                                       images, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    want = compiled.model.init(jax.random.PRNGKey(trainer.seed), DATA.train.images[:1] * 0.0)
+    want = want["params"]
+    opt_state, losses = optimizer.init(want), []
+    for s in range(13):
+        idx = data.batch_indices(len(DATA.train), CONFIG.batch_size, trainer.seed, s)
+        want, opt_state, loss = step(want, opt_state, DATA.train.images[idx],
+                                     DATA.train.labels[idx])
+        losses.append(float(loss))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), params,
+                 want)
+    assert info["loss_end"] == pytest.approx(losses[-1], rel=1e-5)  # the last tenth: 1 step
+
+
+def test_compile_cache_keeps_the_most_recent_shapes_and_frees_the_others():
+    """Evicted shapes give back their memory mappings: an unbounded cache crashed long searches
+    at the kernel's limit on mappings (about 100 shapes)."""
+    def mappings():
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    trainer = child.ChildTrainer(CONFIG, DATA, max_cached_shapes=2)
+    shapes = [((k, 1, 4, 2),) for k in (1, 3, 5, 7)] + [((1, k, 4, 2),) for k in (3, 5, 7)]
+    counts = []
+    for layers in shapes[:3] + [shapes[1]] + shapes[3:]:  # shapes[1] is used again
+        trainer.train(layers, num_steps=2)
+        counts.append(mappings())
+        if layers == shapes[3]:
+            assert list(trainer._compiled) == [shapes[1], shapes[3]]  # least recent evicted
+    assert list(trainer._compiled) == shapes[-2:]
+    per_shape = counts[1] - counts[0]
+    assert per_shape > 50, counts  # a compiled child maps many pages of code
+    assert counts[-1] - counts[1] < per_shape, counts  # 5 more shapes, no more mappings
 
 
 def test_feature_map_sizes_by_formula():
