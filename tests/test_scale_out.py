@@ -59,7 +59,8 @@ LAUNCHERS = {
         "--child_dataset=digits", "--num_layers=1", "--filter_sizes=1", "--filter_sizes=3",
         "--num_filters=4", "--num_filters=8", "--strides=1", "--strides=2",
         "--child_batch_size=8", "--child_validation_size=200", "--final_num_steps=10",
-        "--log_every=1", "--child_num_steps=10", "--max_proposals_factor=1"), steps_flag="budget"),
+        "--log_every=1", "--child_num_steps=10", "--child_steps_per_call=2",
+        "--max_proposals_factor=1"), steps_flag="budget"),
 }
 
 
