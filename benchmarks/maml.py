@@ -162,6 +162,28 @@ def our_step(config: train.Config):
     return run, lambda b: parallel.shard_batch(mesh, b), step, holder
 
 
+def task_batching_speed(data, name: str, first_order: bool, rounds: int, steps: int) -> dict:
+    """Seconds per meta-step of the same step with the tasks vmapped and mapped (`lax.map`),
+    timed alternately in this process, `rounds` rounds of `steps` steps: how "auto" is chosen."""
+    ways, shots, meta_batch, _, _ = SETTINGS[name]
+    batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
+    runs = {}
+    for batching in ("vmap", "map"):
+        run, put, _, _ = our_step(our_config(name, first_order, batching))
+        on_device = put(batch)
+        run(on_device)  # compile
+        runs[batching] = (run, on_device)
+    seconds = {batching: [] for batching in runs}
+    for _ in range(rounds):
+        for batching, (run, on_device) in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run(on_device)
+            seconds[batching].append((time.perf_counter() - start) / steps)
+    return {**{f"seconds_per_step_{b}": v for b, v in seconds.items()},
+            "map_speedup": float(np.median(seconds["vmap"]) / np.median(seconds["map"]))}
+
+
 def flops_and_memory(step, holder, batch) -> dict:
     compiled = step.lower(holder["state"], batch).compile()
     cost = compiled.cost_analysis()
@@ -258,6 +280,8 @@ def main():
                         help="speed settings to time (the others' results in --out are kept)")
     parser.add_argument("--orders", default="second,first", help="meta-gradient orders to time")
     parser.add_argument("--memory_steps", default="1,5,10")
+    parser.add_argument("--compare_task_batching", action="store_true",
+                        help="also time vmap against map (lax.map) for each setting and order")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="per-op profiles of the second-order steps (needs tensorflow's "
@@ -280,7 +304,8 @@ def main():
         with open(args.out) as f:
             kept = json.load(f)
         results["speed"] = kept.get("speed", {})
-        for key in ("peak_memory_bytes_vs_inner_steps", "peak_memory_note"):
+        for key in ("peak_memory_bytes_vs_inner_steps", "peak_memory_note", "accuracies",
+                    "task_batching_comparison", "speed_earlier_machine_model_not_recorded"):
             if key in kept:
                 results[key] = kept[key]
         if not args.settings:  # no speed row measured: keep the conditions the kept rows had
@@ -308,7 +333,10 @@ def main():
                 times["ours"].append((time.perf_counter() - t) / args.steps)
                 times["torch"].append(theirs.ask("time", args.steps))
             s_ours, s_torch = float(np.median(times["ours"])), float(np.median(times["torch"]))
-            cost = flops_and_memory(step, holder, on_device)
+            # FLOPs of the loop-free (vmap) form of the same step: XLA's cost analysis counts a
+            # loop body once, so the map's count would be one task's.
+            _, _, vmap_step, vmap_holder = our_step(our_config(name, first_order, "vmap"))
+            cost = flops_and_memory(vmap_step, vmap_holder, on_device)
             key = f"{name}_{'first' if first_order else 'second'}_order"
             results["speed"][key] = {
                 "meta_batch": meta_batch, "inner_steps": config.inner.steps,
@@ -334,6 +362,13 @@ def main():
                 results["speed"][key]["torch_top_ops"] = theirs.ask("profile")
             theirs.close()
             write(args.out, results)
+    for name in filter(None, args.settings.split(",") if args.compare_task_batching else []):
+        for first_order in [order == "first" for order in args.orders.split(",")]:
+            key = f"{name}_{'first' if first_order else 'second'}_order"
+            row = task_batching_speed(data, name, first_order, args.repeats, args.steps)
+            results.setdefault("task_batching_comparison", {})[key] = row
+            print(f"{key:26s} vmap / map seconds per step: {row['map_speedup']:.2f}", flush=True)
+            write(args.out, results)
     name = "5way1shot"
     ways, shots, meta_batch, _, _ = SETTINGS[name]
     batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
@@ -351,7 +386,7 @@ def main():
         print(f"5-way 1-shot meta-batch 32, second order, {steps:2d} inner steps: XLA temp "
               f"buffers {temp / 2**20:.1f} MiB", flush=True)
         write(args.out, results)
-    results["accuracies"] = accuracies(args.runs_dir)
+    results["accuracies"] = accuracies(args.runs_dir) or results.get("accuracies", {})
     for run, value in results["accuracies"].items():
         print(run, value)
     write(args.out, results)

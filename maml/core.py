@@ -23,9 +23,11 @@ Inner learning rates (`MetaConfig.learn_lr`):
 The meta-batch is semantically `jax.vmap` over tasks. How it is computed is `task_batching`:
 "vmap" (the definition; fast on GPU/TPU), "unrolled" (a Python loop over tasks inside the jitted
 step; XLA's CPU backend runs vmapped per-task convolutions as slow grouped convolutions), "map"
-(`lax.map`, sequential, small programs), or "auto" (vmap). All give the same meta-gradient (tested).
-On CPU, what makes vmap fast is the convolution's formulation, chosen by the model (see
-`models.PatchConv` and `train.resolve_conv_impl`).
+(`lax.map`, sequential, small programs), or "auto" (map on CPU, vmap elsewhere). All give the same
+meta-gradient (tested). On CPU the convolutions' formulation matters more, chosen by the model
+(`models.PatchConv`, `train.resolve_conv_impl`): im2col + matmul, because XLA's CPU backend runs
+per-task kernels under vmap as grouped convolutions, and convolution gradients inside a loop (such
+as map's) on a slow generic path.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ class MetaConfig:
             annealed weights.
         multi_step_anneal_steps: Meta-iterations over which the multi-step weights reach the last
             step.
-        task_batching: How the meta-batch's tasks are computed (same numbers): auto (vmap), vmap,
-            unrolled (a Python loop over tasks), map (lax.map).
+        task_batching: How the meta-batch's tasks are computed (same numbers): auto (map on CPU,
+            vmap elsewhere), vmap, unrolled (a Python loop over tasks), map (lax.map).
     """
     steps: int = 1
     lr: float = 0.01
@@ -221,10 +223,14 @@ def task_objective(meta_params: dict, task: dict, weights: jax.Array, learner: L
     return loss, losses[-1][1]
 
 
-def resolve_task_batching(task_batching: str) -> str:
-    """'auto' -> 'vmap', the definition. On CPU the models' convolutions are then computed as
-    im2col + matmul (`models.PatchConv`), which vmap turns into fast batched matrix products."""
-    return "vmap" if task_batching == "auto" else task_batching
+def resolve_task_batching(task_batching: str, platform: str | None = None) -> str:
+    """'auto' -> on CPU 'map': each device runs its tasks one after the other, whose programs
+    are smaller than vmap's batched ones and at least as fast in every setting
+    `benchmarks/maml.py` measures (the models' convolutions are im2col + matmul there, so no
+    convolution sits in the loop); elsewhere 'vmap', the definition."""
+    if task_batching != "auto":
+        return task_batching
+    return "map" if (platform or jax.devices()[0].platform) == "cpu" else "vmap"
 
 
 def batch_objective(meta_params: dict, tasks: dict, weights: jax.Array, learner: Learner,

@@ -158,7 +158,7 @@ def test_every_task_batching_and_conv_impl_gives_the_same_meta_gradient():
     fast, slow = models.init_split(models.Conv4(3, filters=4, blocks=2), jax.random.PRNGKey(1),
                                    jnp.zeros((1, 28, 28, 1)))
     results = {}
-    for impl, strategy in (("xla", "unrolled"), ("xla", "vmap"), ("xla", "map"),
+    for impl, strategy in (("xla", "unrolled"), ("xla", "vmap"), ("patches", "map"),
                            ("patches", "vmap")):
         learner = tasks.classification_learner(
             models.Conv4(3, filters=4, blocks=2, conv_impl=impl))
@@ -172,6 +172,10 @@ def test_every_task_batching_and_conv_impl_gives_the_same_meta_gradient():
     for key, value in results.items():
         chex.assert_trees_all_close(value, reference, rtol=2e-4, atol=2e-6,
                                     custom_message=str(key))
+    # "auto": the CPU default is the map over patch convolutions just checked
+    assert core.resolve_task_batching("auto", "cpu") == "map"
+    assert core.resolve_task_batching("auto", "gpu") == "vmap"
+    assert core.resolve_task_batching("unrolled", "cpu") == "unrolled"
 
 
 def optax_norm(tree):
