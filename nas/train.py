@@ -158,7 +158,7 @@ class Config:
 # Keys a rerun may change without starting a different run.
 RESUMABLE_KEYS = ("budget", "max_proposals_factor", "data_dir", "checkpoint_every",
                   "history_sync_s", "log_every",
-                  "final_num_steps")
+                  "final_num_steps", "child_steps_per_call")
 
 
 # --------------------------------------------------------------------------------------------
