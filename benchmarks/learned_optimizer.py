@@ -28,6 +28,7 @@ from absl import app, flags
 from matplotlib.figure import Figure
 
 from benchmarks import machine
+from benchmarks.stats import mean_sd
 from common import config as config_lib
 from common import metrics, workdirs
 from launch import flags as launch_flags
@@ -80,12 +81,6 @@ def config_from_file(name: str, **overrides) -> train.Config:
 def devices() -> str:
     device = jax.devices()[0]
     return f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
-
-
-def mean_sd(values) -> dict[str, float]:
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1
-            else 0.0, "n": int(len(values))}
 
 
 def row_key(row: dict) -> str:

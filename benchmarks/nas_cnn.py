@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from benchmarks import machine
-from benchmarks.nas_macro import welch_greater
+from benchmarks.stats import mean_sd, welch_greater
 from common import config as config_lib
 from launch import flags as launch_flags
 from launch import nas as launch_nas
@@ -73,14 +73,13 @@ def run_search(config: train.Config, problem, workdir: str) -> dict:
             "retrained_validation_accuracy": summary["final"]["validation_accuracy"],
             "params": summary["final"]["params"],
             "child_trainings": summary["evaluations"], "proposals": summary["proposals"],
-            "children_compile_s": sum(r.info.get("compile_s", 0.0) for r in history),
-            "children_train_s": sum(r.info.get("train_s", 0.0) for r in history),
+            "children_compile_s": sum(r.info.get("compile_s", 0.0) for r in trained),
+            "children_train_s": sum(r.info.get("train_s", 0.0) for r in trained),
             "wall_s_this_invocation": time.perf_counter() - start}
 
 
-def mean_sd(values) -> dict:
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
-            if len(values) > 1 else 0.0, "per_seed": [float(v) for v in values]}
+def over_seeds(values) -> dict:
+    return {**mean_sd(values), "per_seed": [float(v) for v in values]}
 
 
 def save_figure(path: str, runs: dict, budget: int) -> None:
@@ -129,13 +128,13 @@ def main():
 
     marks = [n for n in (5, 10, 20, 30, 50, 100) if n <= budget]
     summary = {algorithm: {
-        **{f"best_validation_at_{n}": mean_sd([r["best_validation_so_far"][n - 1]
+        **{f"best_validation_at_{n}": over_seeds([r["best_validation_so_far"][n - 1]
                                                for r in per_seed.values()]) for n in marks},
-        **{f"mean_validation_of_children_{n - 9}_{n}": mean_sd(
+        **{f"mean_validation_of_children_{n - 9}_{n}": over_seeds(
             [np.mean(r["validation_accuracies"][n - 10:n]) for r in per_seed.values()])
            for n in range(10, budget + 1, 10)},
-        "test_accuracy_of_best": mean_sd([r["test_accuracy"] for r in per_seed.values()]),
-        "params_of_best": mean_sd([r["params"] for r in per_seed.values()])}
+        "test_accuracy_of_best": over_seeds([r["test_accuracy"] for r in per_seed.values()]),
+        "params_of_best": over_seeds([r["params"] for r in per_seed.values()])}
         for algorithm, per_seed in runs.items()}
     p_values = {}
     if {"reinforce", "random"} <= set(runs):

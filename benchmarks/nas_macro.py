@@ -37,9 +37,9 @@ import time
 import jax
 import numpy as np
 from matplotlib.figure import Figure
-from scipy import stats
 
 from benchmarks import machine
+from benchmarks.stats import welch_greater
 from common import config as config_lib
 from nas import history as history_lib
 from nas import train
@@ -179,13 +179,6 @@ def evaluate(benchmark, algorithm: str, settings: dict, seeds, budgets=BUDGETS) 
     results["curves"] = curves
     results["traces"] = [r["trace"] for r in runs]
     return results
-
-
-def welch_greater(a, b) -> float:
-    """One-sided Welch t-test p-value of mean(a) > mean(b) (1 when both are constant)."""
-    if np.std(a) == 0 and np.std(b) == 0:
-        return 0.0 if np.mean(a) > np.mean(b) else 1.0
-    return float(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
 
 
 def tune(benchmark) -> list[dict]:

@@ -92,9 +92,9 @@ def test_unrolled_train_chunk_equals_one_jitted_adam_step_at_a_time(trainer):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    want = compiled.model.init(jax.random.PRNGKey(trainer.seed), DATA.train.images[:1] * 0.0)
-    want = want["params"]
-    opt_state, losses = optimizer.init(want), []
+    want, opt_state = child.make_init(compiled.model, optimizer, trainer.seed,
+                                      DATA.train.image_shape)()
+    losses = []
     for s in range(13):
         idx = data.batch_indices(len(DATA.train), CONFIG.batch_size, trainer.seed, s)
         want, opt_state, loss = step(want, opt_state, DATA.train.images[idx],

@@ -1,0 +1,21 @@
+"""Statistics the benchmarks report over seeds: mean and standard deviation, and a one-sided
+Welch t-test."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+
+def mean_sd(values) -> dict[str, float]:
+    """Mean, sample standard deviation (ddof 1; 0 for a single value) and count of `values`."""
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1
+            else 0.0, "n": int(len(values))}
+
+
+def welch_greater(a, b) -> float:
+    """One-sided Welch t-test p-value of mean(a) > mean(b) (1 when both are constant)."""
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 0.0 if np.mean(a) > np.mean(b) else 1.0
+    return float(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
