@@ -34,12 +34,15 @@ import numpy as np
 
 from benchmarks import machine, xla_profile
 from common import parallel
+from launch import flags as launch_flags
+from launch import maml as launch_maml
 from maml import core, tasks, train
 
 SETTINGS = {  # name: (ways, shots, meta-batch, inner steps, inner lr)
     "5way1shot": (5, 1, 32, 1, 0.4),
     "20way1shot": (20, 1, 16, 5, 0.1),
 }
+PROTONET_FLAGS = "launch/configs/maml_protonet_omniglot_20way1shot.flags"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,8 +166,9 @@ def our_step(config: train.Config):
 
 
 def task_batching_speed(data, name: str, first_order: bool, rounds: int, steps: int) -> dict:
-    """Seconds per meta-step of the same step with the tasks vmapped and mapped (`lax.map`),
-    timed alternately in this process, `rounds` rounds of `steps` steps: how "auto" is chosen."""
+    """Seconds per meta-step of the same step with the tasks vmapped and mapped (a `lax.scan`
+    summing the tasks' gradients), timed alternately in this process, `rounds` rounds of `steps`
+    steps: how "auto" is chosen."""
     ways, shots, meta_batch, _, _ = SETTINGS[name]
     batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)
     runs = {}
@@ -182,6 +186,31 @@ def task_batching_speed(data, name: str, first_order: bool, rounds: int, steps: 
             seconds[batching].append((time.perf_counter() - start) / steps)
     return {**{f"seconds_per_step_{b}": v for b, v in seconds.items()},
             "map_speedup": float(np.median(seconds["vmap"]) / np.median(seconds["map"]))}
+
+
+def protonet_speed(data, rounds: int, steps: int, peak: float) -> dict:
+    """Training episodes per second of Prototypical Networks with the committed config's training
+    episodes (60-way 1-shot, 5 queries per class, one episode per update)."""
+    launch_flags.parse_flagfile(PROTONET_FLAGS)
+    config = dataclasses.replace(launch_maml.make_config(), data_dir=None)
+    ways, queries = config.train_ways or config.ways, config.train_queries or config.queries
+    batch = tasks.episodes(data, 0, 0, config.meta_batch_size, ways, config.shots, queries)
+    run, put, step, holder = our_step(config)
+    on_device = put(batch)
+    run(on_device)  # compile
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run(on_device)
+        seconds.append((time.perf_counter() - start) / steps)
+    flops = flops_and_memory(step, holder, on_device)["flops"]
+    episodes = config.meta_batch_size / float(np.median(seconds))
+    return {"flags": PROTONET_FLAGS, "train_ways": ways, "shots": config.shots,
+            "queries": queries, "seconds_per_step": seconds, "episodes_per_s": episodes,
+            "flops_per_step": flops, "achieved_flops_per_s": flops / np.median(seconds),
+            "matmul_peak_flops_per_s": peak,
+            "fraction_of_matmul_peak": flops / np.median(seconds) / peak}
 
 
 def flops_and_memory(step, holder, batch) -> dict:
@@ -282,6 +311,8 @@ def main():
     parser.add_argument("--memory_steps", default="1,5,10")
     parser.add_argument("--compare_task_batching", action="store_true",
                         help="also time vmap against map (lax.map) for each setting and order")
+    parser.add_argument("--protonet", action=argparse.BooleanOptionalAction, default=True,
+                        help="time Prototypical Networks' training episodes")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="per-op profiles of the second-order steps (needs tensorflow's "
@@ -305,7 +336,8 @@ def main():
             kept = json.load(f)
         results["speed"] = kept.get("speed", {})
         for key in ("peak_memory_bytes_vs_inner_steps", "peak_memory_note", "accuracies",
-                    "task_batching_comparison", "speed_earlier_machine_model_not_recorded"):
+                    "task_batching_comparison", "speed_earlier_machine_model_not_recorded",
+                    "protonet_speed"):
             if key in kept:
                 results[key] = kept[key]
         if not args.settings:  # no speed row measured: keep the conditions the kept rows had
@@ -314,7 +346,7 @@ def main():
                     results[key] = kept[key]
     print(f"matmul peak (1024^2, jax, this invocation): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'setting':22s} {'ours s/step':>12s} {'torch s/step':>12s} {'ratio':>7s} "
-          f"{'GFLOP/s':>8s}")
+          f"{'paired':>7s} {'GFLOP/s':>8s}")
     for name in filter(None, args.settings.split(",")):
         ways, shots, meta_batch, _, _ = SETTINGS[name]
         for first_order in [order == "first" for order in args.orders.split(",")]:
@@ -333,6 +365,9 @@ def main():
                 times["ours"].append((time.perf_counter() - t) / args.steps)
                 times["torch"].append(theirs.ask("time", args.steps))
             s_ours, s_torch = float(np.median(times["ours"])), float(np.median(times["torch"]))
+            # Each round times ours and then PyTorch's: the median of the rounds' ratios cancels
+            # the slow spells of a shared machine that the ratio of the medians keeps.
+            paired = float(np.median(np.array(times["torch"]) / np.array(times["ours"])))
             # FLOPs of the loop-free (vmap) form of the same step: XLA's cost analysis counts a
             # loop body once, so the map's count would be one task's.
             _, _, vmap_step, vmap_holder = our_step(our_config(name, first_order, "vmap"))
@@ -344,11 +379,12 @@ def main():
                 "task_batching": core.resolve_task_batching(config.inner.task_batching),
                 "seconds_per_step_ours": times["ours"], "seconds_per_step_torch": times["torch"],
                 "meta_steps_per_s_ours": 1 / s_ours, "meta_steps_per_s_torch": 1 / s_torch,
-                "ratio": s_torch / s_ours, "flops_per_step": cost["flops"],
+                "ratio": s_torch / s_ours, "ratio_paired_median": paired,
+                "flops_per_step": cost["flops"],
                 "load_average": os.getloadavg(),
                 "achieved_flops_per_s": cost["flops"] / s_ours,
                 "fraction_of_matmul_peak": cost["flops"] / s_ours / peak}
-            print(f"{key:22s} {s_ours:12.3f} {s_torch:12.3f} {s_torch / s_ours:7.2f} "
+            print(f"{key:22s} {s_ours:12.3f} {s_torch:12.3f} {s_torch / s_ours:7.2f} {paired:7.2f} "
                   f"{cost['flops'] / s_ours / 1e9:8.1f}", flush=True)
             if not first_order and args.profile:
                 results["speed"][key]["stages_ours_s"] = stage_table(config, batch)
@@ -369,6 +405,14 @@ def main():
             results.setdefault("task_batching_comparison", {})[key] = row
             print(f"{key:26s} vmap / map seconds per step: {row['map_speedup']:.2f}", flush=True)
             write(args.out, results)
+    if args.protonet:
+        results["protonet_speed"] = dict(protonet_speed(data, args.repeats, args.steps, peak),
+                                         machine=machine.machine_record())
+        row = results["protonet_speed"]
+        print(f"Prototypical Networks, {row['train_ways']}-way {row['shots']}-shot training "
+              f"episodes: {row['episodes_per_s']:.2f} episodes/s, "
+              f"{row['fraction_of_matmul_peak']:.2f} of the matmul peak", flush=True)
+        write(args.out, results)
     name = "5way1shot"
     ways, shots, meta_batch, _, _ = SETTINGS[name]
     batch = tasks.episodes(data, 0, 0, meta_batch, ways, shots, shots)

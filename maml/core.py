@@ -23,7 +23,8 @@ Inner learning rates (`MetaConfig.learn_lr`):
 The meta-batch is semantically `jax.vmap` over tasks. How it is computed is `task_batching`:
 "vmap" (the definition; fast on GPU/TPU), "unrolled" (a Python loop over tasks inside the jitted
 step; XLA's CPU backend runs vmapped per-task convolutions as slow grouped convolutions), "map"
-(`lax.map`, sequential, small programs), or "auto" (map on CPU, vmap elsewhere). All give the same
+(one task after the other in a `lax.scan` that sums each task's meta-gradient: small programs, one
+task's activations in memory at a time), or "auto" (map on CPU, vmap elsewhere). All give the same
 meta-gradient (tested). On CPU the convolutions' formulation matters more, chosen by the model
 (`models.PatchConv`, `train.resolve_conv_impl`): im2col + matmul, because XLA's CPU backend runs
 per-task kernels under vmap as grouped convolutions, and convolution gradients inside a loop (such
@@ -66,7 +67,8 @@ class MetaConfig:
         multi_step_anneal_steps: Meta-iterations over which the multi-step weights reach the last
             step.
         task_batching: How the meta-batch's tasks are computed (same numbers): auto (map on CPU,
-            vmap elsewhere), vmap, unrolled (a Python loop over tasks), map (lax.map).
+            vmap elsewhere), vmap, unrolled (a Python loop over tasks), map (a lax.scan over tasks
+            summing their meta-gradients).
     """
     steps: int = 1
     lr: float = 0.01
@@ -225,9 +227,9 @@ def task_objective(meta_params: dict, task: dict, weights: jax.Array, learner: L
 
 def resolve_task_batching(task_batching: str, platform: str | None = None) -> str:
     """'auto' -> on CPU 'map': each device runs its tasks one after the other, whose programs
-    are smaller than vmap's batched ones and at least as fast in every setting
-    `benchmarks/maml.py` measures (the models' convolutions are im2col + matmul there, so no
-    convolution sits in the loop); elsewhere 'vmap', the definition."""
+    are smaller than vmap's batched ones and faster in every setting `benchmarks/maml.py`
+    measures (the models' convolutions are im2col + matmul there, so no convolution sits in the
+    loop); elsewhere 'vmap', the definition."""
     if task_batching != "auto":
         return task_batching
     return "map" if (platform or jax.devices()[0].platform) == "cpu" else "vmap"
@@ -256,10 +258,35 @@ def batch_objective(meta_params: dict, tasks: dict, weights: jax.Array, learner:
 
 def meta_gradient(meta_params: dict, tasks: dict, weights: jax.Array, learner: Learner,
                   config: MetaConfig) -> tuple[dict, jax.Array, dict]:
-    """(∇F, F, metrics) over the meta-batch `tasks`."""
+    """(∇F, F, metrics) over the meta-batch `tasks`.
+
+    "map" sums the tasks' gradients (∇ of the mean is the mean of the ∇): `summed_task_gradients`.
+    The other strategies differentiate `batch_objective`.
+    """
+    if resolve_task_batching(config.task_batching) == "map":
+        return summed_task_gradients(meta_params, tasks, weights, learner, config)
     (loss, metrics), grads = jax.value_and_grad(batch_objective, has_aux=True)(
         meta_params, tasks, weights, learner, config)
     return grads, loss, metrics
+
+
+def summed_task_gradients(meta_params: dict, tasks: dict, weights: jax.Array, learner: Learner,
+                          config: MetaConfig) -> tuple[dict, jax.Array, dict]:
+    """(∇F, F, metrics) with the tasks one after the other in a `lax.scan`: each iteration
+    computes one task's objective and its gradient, and the carry sums the gradients.
+
+    One task's activations are alive at a time. Differentiating a `lax.map` of the objective
+    instead stores every task's activations in stacked buffers for a second, backward loop.
+    """
+    def add_task(total, task):
+        (loss, metrics), grads = jax.value_and_grad(task_objective, has_aux=True)(
+            meta_params, task, weights, learner, config)
+        return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+    total, (losses, metrics) = jax.lax.scan(add_task, jax.tree.map(jnp.zeros_like, meta_params),
+                                            tasks)
+    return (jax.tree.map(lambda g: g / losses.shape[0], total), jnp.mean(losses),
+            jax.tree.map(jnp.mean, metrics))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ Speed on CPU: a `jax.vmap` over per-task convolution kernels becomes a grouped c
 XLA's CPU backend runs slowly. `conv_impl="auto"` therefore computes the convolutions as im2col +
 matrix product on CPU (`models.PatchConv`; the vmapped meta-batch then is a batched matrix product)
 and as `lax.conv` elsewhere; `inner.task_batching="auto"` runs the tasks one after the other
-(`lax.map`) on CPU and keeps `vmap`, the definition, elsewhere. Both choices give the same numbers
-(tested); benchmarks/maml.py measures the speed.
+on CPU, summing their meta-gradients in a `lax.scan`, and keeps `vmap`, the definition,
+elsewhere. Both choices give the same numbers (tested); benchmarks/maml.py measures the speed.
 """
 
 from __future__ import annotations

@@ -178,6 +178,26 @@ def test_every_task_batching_and_conv_impl_gives_the_same_meta_gradient():
     assert core.resolve_task_batching("unrolled", "cpu") == "unrolled"
 
 
+def test_map_keeps_one_tasks_activations_in_memory():
+    """The CPU default sums the tasks' gradients in a scan: the compiled step's temporary memory
+    stays flat as the meta-batch grows, where vmap's grows with every task (as a differentiated
+    `lax.map`'s would, storing each task's activations for its backward loop)."""
+    images = np.random.default_rng(0).integers(0, 256, (8, 4, 28, 28), np.uint8)
+    model = models.Conv4(3, filters=4, blocks=2, conv_impl="patches")
+    learner = tasks.classification_learner(model)
+    fast, slow = models.init_split(model, jax.random.PRNGKey(1), jnp.zeros((1, 28, 28, 1)))
+
+    def temp_bytes(strategy, num_tasks):
+        batch = tasks.episodes(images, 0, 0, num_tasks=num_tasks, ways=3, shots=1, queries=2)
+        config = core.MetaConfig(steps=2, lr=0.4, task_batching=strategy)
+        step = jax.jit(lambda mp, b: core.meta_gradient(mp, b, jnp.ones(1), learner, config))
+        compiled = step.lower(core.init_meta_params(config, fast, slow), batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("map", 16) < 1.5 * temp_bytes("map", 2)
+    assert temp_bytes("vmap", 16) > 4 * temp_bytes("vmap", 2)
+
+
 def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
 
