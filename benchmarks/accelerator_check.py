@@ -48,8 +48,8 @@ import sys
 import tempfile
 import time
 
-if __name__ == "__main__":  # before JAX starts: the GAN launcher's CPU settings
-    from gan import cpu_settings
+if __name__ == "__main__":  # before JAX starts: the GAN and MAML launchers' CPU settings
+    from common import cpu_settings
     cpu_settings.apply_before_jax()
 
 import jax  # noqa: E402
@@ -57,7 +57,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import gan_speed, machine  # noqa: E402
 from common import data, metrics  # noqa: E402
-from gan import cpu_settings  # noqa: E402
+from common import cpu_settings  # noqa: E402
 
 flags.DEFINE_bool("tiny", False, "Every part at a tiny size on the CPU (the CI check).")
 flags.DEFINE_float("minutes", 3.0, "Time box of each launcher part, in minutes.")
@@ -293,10 +293,10 @@ def print_summary(result: dict) -> None:
 
 
 def launcher_env(environ, launcher: str, tiny: bool) -> dict:
-    """The environment of a launcher: this one without the GAN's CPU settings (which this process
-    applied to itself; the GAN launcher applies them again), on the CPU when tiny."""
+    """The environment of a launcher: this one without the CPU settings (which this process
+    applied to itself; the launchers that use them apply them again), on the CPU when tiny."""
     env = dict(environ, PYTHONPATH=REPO)
-    if launcher != "gan":
+    if launcher not in cpu_settings.LAUNCHERS:
         for name, setting, separator in (("XLA_FLAGS", cpu_settings.XLA_FLAG, " "),
                                          ("GLIBC_TUNABLES", cpu_settings.GLIBC_TUNABLE, ":")):
             kept = [s for s in env.get(name, "").split(separator) if s and s != setting]

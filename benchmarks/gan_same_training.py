@@ -24,8 +24,8 @@ import os
 import platform
 import time
 
-if __name__ == "__main__":  # the launcher's CPU settings (gan/cpu_settings.py), before JAX starts
-    from gan import cpu_settings
+if __name__ == "__main__":  # the launcher's CPU settings (common/cpu_settings.py), before JAX starts
+    from common import cpu_settings
     cpu_settings.apply_before_jax()
 
 import numpy as np  # noqa: E402

@@ -8,7 +8,7 @@ The TensorFlow step is the tutorial's `train_step` under `tf.function` (`benchma
 
 Each framework runs in each of its environments, one fresh process per (framework, environment),
 for `--rounds` rounds (order reversed every other round): ours with and without the CPU settings
-`launch/gan.py` gives its users (`gan/cpu_settings.py`); TensorFlow plain, with oneDNN off, with
+`launch/gan.py` gives its users (`common/cpu_settings.py`); TensorFlow plain, with oneDNN off, with
 its thread pools sized to the cores, and with those CPU settings. The headline is ours-best /
 TF-best, each framework in its own best environment; every other pairing is reported too. Only
 ratios are meaningful on a shared machine, and only for the CPU they ran on: the JSON's `machine`
@@ -32,14 +32,14 @@ import sys
 import time
 
 if __name__ == "__main__":
-    from gan import cpu_settings
+    from common import cpu_settings
     cpu_settings.apply_before_jax()
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import machine, tf_dcgan, xla_profile  # noqa: E402
-from gan import cpu_settings  # noqa: E402
+from common import cpu_settings  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 256, "Batch size of both steps.")
 flags.DEFINE_integer("steps", 5, "Steps per timed repeat.")

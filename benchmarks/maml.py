@@ -9,13 +9,15 @@ usual way -- a Python loop over tasks, `torch.autograd.grad(create_graph=not fir
 inner loop, the mean query loss backpropagated, Adam. Both run on the same episodes, alternating
 in this invocation, so contention from other processes hits both alike.
 
-PyTorch runs in a child process with its own OpenMP setting (`--torch_omp_wait_policy`, default
-ACTIVE: its worker threads spin between parallel regions, its fastest setting on an idle machine;
-the comparison of the policies is in benchmarks/README.md). Spinning threads would take the cores
-from our step if they shared its process, so the child is stopped (SIGSTOP) while ours is timed
-and continued (SIGCONT) for its own turn. Measure on an idle machine: with another job on the same
-cores, ACTIVE's spinning threads collapse; on a shared machine pass
-`--torch_omp_wait_policy=PASSIVE`. Writes benchmarks/results/maml.json.
+Ours runs under the CPU settings `launch/maml.py` gives its users (`common/cpu_settings.py`);
+PyTorch's process inherits them (its hugetlb malloc made PyTorch's 20-way step as fast or faster,
+measured). PyTorch runs in a child process with its own OpenMP setting
+(`--torch_omp_wait_policy`, default ACTIVE: its worker threads spin between parallel regions, its
+fastest setting on an idle machine; the comparison of the policies is in benchmarks/README.md).
+Spinning threads would take the cores from our step if they shared its process, so the child is
+stopped (SIGSTOP) while ours is timed and continued (SIGCONT) for its own turn. Measure on an
+idle machine: with another job on the same cores, ACTIVE's spinning threads collapse; on a shared
+machine pass `--torch_omp_wait_policy=PASSIVE`. Writes benchmarks/results/maml.json.
 """
 
 from __future__ import annotations
@@ -28,15 +30,19 @@ import os
 import signal
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __name__ == "__main__":  # the launcher's CPU settings (common/cpu_settings.py), before JAX starts
+    from common import cpu_settings
+    cpu_settings.apply_before_jax()
 
-from benchmarks import machine, xla_profile
-from common import parallel
-from launch import flags as launch_flags
-from launch import maml as launch_maml
-from maml import core, tasks, train
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import machine, xla_profile  # noqa: E402
+from common import parallel  # noqa: E402
+from launch import flags as launch_flags  # noqa: E402
+from launch import maml as launch_maml  # noqa: E402
+from maml import core, tasks, train  # noqa: E402
 
 SETTINGS = {  # name: (ways, shots, meta-batch, inner steps, inner lr)
     "5way1shot": (5, 1, 32, 1, 0.4),
@@ -330,7 +336,8 @@ def main():
                "versions": {"jax": jax.__version__, "torch": torch.__version__,
                             "torch_omp_wait_policy": args.torch_omp_wait_policy,
                             "numpy": np.__version__},
-               "flags": vars(args), "matmul_peak_flops_per_s": peak, "speed": {}}
+               "flags": vars(args), "matmul_peak_flops_per_s": peak, "speed": {},
+               "environment": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}}
     if os.path.exists(args.out):  # rows not measured this time stay as they were
         with open(args.out) as f:
             kept = json.load(f)
@@ -341,7 +348,7 @@ def main():
             if key in kept:
                 results[key] = kept[key]
         if not args.settings:  # no speed row measured: keep the conditions the kept rows had
-            for key in ("machine", "versions", "flags", "matmul_peak_flops_per_s"):
+            for key in ("machine", "versions", "flags", "matmul_peak_flops_per_s", "environment"):
                 if key in kept:
                     results[key] = kept[key]
     print(f"matmul peak (1024^2, jax, this invocation): {peak / 1e9:.1f} GFLOP/s")

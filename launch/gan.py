@@ -6,8 +6,8 @@ Evaluates one: `python -m launch.gan --workdir=... --evaluate_only` (latest chec
 
 import json
 
-if __name__ == "__main__":  # before JAX starts: XLA flags and glibc malloc (gan/cpu_settings.py)
-    from gan import cpu_settings
+if __name__ == "__main__":  # before JAX starts: XLA flags and glibc malloc (common/cpu_settings.py)
+    from common import cpu_settings
     cpu_settings.apply_before_jax()
 
 from absl import app, flags, logging  # noqa: E402

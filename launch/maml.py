@@ -3,10 +3,14 @@
 `python -m launch.maml --flagfile=launch/configs/maml_protonet_omniglot_20way1shot.flags ...`.
 `--max_minutes=M` stops at the first checkpoint after M minutes; the same command continues."""
 
-from absl import app
+if __name__ == "__main__":  # before JAX starts: XLA flags and glibc malloc (common/cpu_settings.py)
+    from common import cpu_settings
+    cpu_settings.apply_before_jax()
 
-from launch import flags as launch_flags
-from maml import train
+from absl import app  # noqa: E402
+
+from launch import flags as launch_flags  # noqa: E402
+from maml import train  # noqa: E402
 
 launch_flags.define_config_flags(train.Config)
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from benchmarks import accelerator_check, machine
-from gan import cpu_settings
+from common import cpu_settings
 from tests.conftest import run_python
 
 # Two sockets, two hyperthreads per core, one core each: 4 logical CPUs, 2 cores.
@@ -97,13 +97,15 @@ def test_a_part_without_its_data_or_a_substitute_is_skipped(tmp_path):
     assert record["figure"] is None and not (tmp_path / "x").exists()
 
 
-def test_only_the_gan_launcher_gets_the_gan_cpu_settings():
+def test_only_the_gan_and_maml_launchers_get_the_cpu_settings():
     environ = cpu_settings.with_settings({"XLA_FLAGS": "--xla_foo=1", "PATH": "/bin"})
-    maml = accelerator_check.launcher_env(environ, "maml", tiny=True)
-    assert maml["XLA_FLAGS"] == "--xla_foo=1" and "GLIBC_TUNABLES" not in maml
-    assert maml["JAX_PLATFORMS"] == "cpu"
-    gan = accelerator_check.launcher_env(environ, "gan", tiny=False)
-    assert cpu_settings.XLA_FLAG in gan["XLA_FLAGS"] and "JAX_PLATFORMS" not in gan
+    lo = accelerator_check.launcher_env(environ, "learned_optimizer", tiny=True)
+    assert lo["XLA_FLAGS"] == "--xla_foo=1" and "GLIBC_TUNABLES" not in lo
+    assert lo["JAX_PLATFORMS"] == "cpu"
+    for launcher in ("gan", "maml"):
+        env = accelerator_check.launcher_env(environ, launcher, tiny=False)
+        assert cpu_settings.XLA_FLAG in env["XLA_FLAGS"] and "JAX_PLATFORMS" not in env
+        assert env["GLIBC_TUNABLES"] == cpu_settings.GLIBC_TUNABLE
 
 
 @pytest.mark.slow

@@ -1,17 +1,21 @@
-"""Process settings under which the DCGAN step runs faster on XLA's CPU backend.
+"""Process settings under which the GAN's and the few-shot learners' steps run faster on XLA's
+CPU backend; `launch/gan.py` and `launch/maml.py` apply them.
 
-Both must be in place before JAX starts, so `launch/gan.py` calls `apply_before_jax()` before
+Both must be in place before JAX starts, so those launchers call `apply_before_jax()` before
 importing anything that imports JAX (this module imports neither JAX nor NumPy):
 
 * `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`
-  routes convolutions to XLA's Eigen kernels rather than YNNPACK, faster for the DCGAN's shapes.
+  routes convolutions to XLA's Eigen kernels rather than YNNPACK, faster for the DCGAN's shapes
+  and for the Conv4 of Prototypical Networks and the pretrained baseline. (MAML's convolutions
+  are matrix products on CPU, `maml.models.PatchConv`, which the flag does not touch.)
 * `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages
-  (`madvise`), so the step's large temporary buffers, freed and allocated again every step, are
+  (`madvise`), so the steps' large temporary buffers, freed and allocated again every step, are
   not page-faulted in 4 KiB at a time on every step. glibc reads it only when a process starts,
   so `apply_before_jax` re-executes the interpreter with the same command line (same pid).
 
-A user's own value of either variable wins; `GAN_CPU_SETTINGS=0` turns both off.
-`benchmarks/gan_speed.py` measures the step with and without them.
+A user's own value of either variable wins; `L2GL_CPU_SETTINGS=0` turns both off.
+`benchmarks/gan_speed.py` measures the DCGAN step with and without them; benchmarks/README.md has
+the few-shot figures.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Mapping
 
 XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 GLIBC_TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "GAN_CPU_SETTINGS"
+OPT_OUT = "L2GL_CPU_SETTINGS"
+LAUNCHERS = ("gan", "maml")  # the launchers that apply them
 
 
 def with_settings(environ: Mapping[str, str]) -> dict[str, str]:

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from gan import cpu_settings
+from common import cpu_settings
 
 
 def test_settings_are_added_unless_the_user_set_them():
@@ -22,7 +22,7 @@ SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
 print("start", os.getpid(), flush=True)
-from gan import cpu_settings
+from common import cpu_settings
 cpu_settings.apply_before_jax()
 print("env", os.getpid(), os.environ.get("GLIBC_TUNABLES"), os.environ.get("XLA_FLAGS"))
 """
