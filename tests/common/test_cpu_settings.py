@@ -1,6 +1,8 @@
-"""The launcher's CPU settings: added to the environment unless set, and applied by restarting."""
+"""The CPU settings of the GAN and MAML launchers: added to the environment unless set, applied by
+restarting, and applied by exactly the launchers `cpu_settings.LAUNCHERS` names."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -45,3 +47,12 @@ def test_apply_before_jax_restarts_the_process_once_with_the_settings(tmp_path):
                          text=True, check=True).stdout.split("\n")
     assert len([line for line in out if line.startswith("start")]) == 1
     assert [line.split()[2:] for line in out if line.startswith("env")] == [["None", "None"]]
+
+
+def test_the_launchers_that_apply_the_settings_are_the_ones_listed():
+    """`cpu_settings.LAUNCHERS` (which `benchmarks/accelerator_check.py` trusts) names exactly the
+    launchers whose `__main__` applies the settings."""
+    launch_dir = pathlib.Path(__file__).resolve().parents[2] / "launch"
+    applying = {path.stem for path in launch_dir.glob("*.py")
+                if "cpu_settings.apply_before_jax()" in path.read_text()}
+    assert applying == set(cpu_settings.LAUNCHERS)
