@@ -281,11 +281,10 @@ def summed_task_gradients(meta_params: dict, tasks: dict, weights: jax.Array, le
     def add_task(total, task):
         (loss, metrics), grads = jax.value_and_grad(task_objective, has_aux=True)(
             meta_params, task, weights, learner, config)
-        return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+        return optax.tree.add(total, grads), (loss, metrics)
 
-    total, (losses, metrics) = jax.lax.scan(add_task, jax.tree.map(jnp.zeros_like, meta_params),
-                                            tasks)
-    return (jax.tree.map(lambda g: g / losses.shape[0], total), jnp.mean(losses),
+    total, (losses, metrics) = jax.lax.scan(add_task, optax.tree.zeros_like(meta_params), tasks)
+    return (optax.tree.scale(1 / losses.shape[0], total), jnp.mean(losses),
             jax.tree.map(jnp.mean, metrics))
 
 
