@@ -113,10 +113,7 @@ def torch_worker(conn, omp_wait_policy: str, ways, inner_steps, inner_lr, first_
     conn.send("ready")
     while (command := conn.recv()) is not None:
         if command[0] == "time":
-            t = time.perf_counter()
-            for _ in range(command[1]):
-                step(*arrays)
-            conn.send((time.perf_counter() - t) / command[1])
+            conn.send(seconds_per_step(lambda a: step(*a), arrays, command[1]))
         else:
             conn.send(torch_profile(step, arrays))
 
@@ -171,6 +168,14 @@ def our_step(config: train.Config):
     return run, lambda b: parallel.shard_batch(mesh, b), step, holder
 
 
+def seconds_per_step(run, batch, steps: int) -> float:
+    """Wall seconds per call of `run(batch)` (which waits for its result), over `steps` calls."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        run(batch)
+    return (time.perf_counter() - start) / steps
+
+
 def task_batching_speed(data, name: str, first_order: bool, rounds: int, steps: int) -> dict:
     """Seconds per meta-step of the same step with the tasks vmapped and mapped (a `lax.scan`
     summing the tasks' gradients), timed alternately in this process, `rounds` rounds of `steps`
@@ -186,10 +191,7 @@ def task_batching_speed(data, name: str, first_order: bool, rounds: int, steps: 
     seconds = {batching: [] for batching in runs}
     for _ in range(rounds):
         for batching, (run, on_device) in runs.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run(on_device)
-            seconds[batching].append((time.perf_counter() - start) / steps)
+            seconds[batching].append(seconds_per_step(run, on_device, steps))
     return {**{f"seconds_per_step_{b}": v for b, v in seconds.items()},
             "map_speedup": float(np.median(seconds["vmap"]) / np.median(seconds["map"]))}
 
@@ -204,19 +206,14 @@ def protonet_speed(data, rounds: int, steps: int, peak: float) -> dict:
     run, put, step, holder = our_step(config)
     on_device = put(batch)
     run(on_device)  # compile
-    seconds = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(steps):
-            run(on_device)
-        seconds.append((time.perf_counter() - start) / steps)
+    seconds = [seconds_per_step(run, on_device, steps) for _ in range(rounds)]
+    median = float(np.median(seconds))
     flops = flops_and_memory(step, holder, on_device)["flops"]
-    episodes = config.meta_batch_size / float(np.median(seconds))
     return {"flags": PROTONET_FLAGS, "train_ways": ways, "shots": config.shots,
-            "queries": queries, "seconds_per_step": seconds, "episodes_per_s": episodes,
-            "flops_per_step": flops, "achieved_flops_per_s": flops / np.median(seconds),
-            "matmul_peak_flops_per_s": peak,
-            "fraction_of_matmul_peak": flops / np.median(seconds) / peak}
+            "queries": queries, "seconds_per_step": seconds,
+            "episodes_per_s": config.meta_batch_size / median, "flops_per_step": flops,
+            "achieved_flops_per_s": flops / median, "matmul_peak_flops_per_s": peak,
+            "fraction_of_matmul_peak": flops / median / peak}
 
 
 def flops_and_memory(step, holder, batch) -> dict:
@@ -316,7 +313,8 @@ def main():
     parser.add_argument("--orders", default="second,first", help="meta-gradient orders to time")
     parser.add_argument("--memory_steps", default="1,5,10")
     parser.add_argument("--compare_task_batching", action="store_true",
-                        help="also time vmap against map (lax.map) for each setting and order")
+                        help="also time vmap against map (the scan summing the tasks' "
+                             "gradients) for each setting and order")
     parser.add_argument("--protonet", action=argparse.BooleanOptionalAction, default=True,
                         help="time Prototypical Networks' training episodes")
     parser.add_argument("--runs_dir", default="runs")
@@ -366,10 +364,7 @@ def main():
             ours(on_device)  # compile
             times = {"ours": [], "torch": []}
             for _ in range(args.repeats):
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    ours(on_device)
-                times["ours"].append((time.perf_counter() - t) / args.steps)
+                times["ours"].append(seconds_per_step(ours, on_device, args.steps))
                 times["torch"].append(theirs.ask("time", args.steps))
             s_ours, s_torch = float(np.median(times["ours"])), float(np.median(times["torch"]))
             # Each round times ours and then PyTorch's: the median of the rounds' ratios cancels
