@@ -8,32 +8,37 @@ For each config (a launch/configs/*.flags file) and seed, meta-trains in <root>/
 each optimizer's mean final loss over test tasks (mean ± sd over seeds), the LSTM's ratio to the
 best-tuned Adam and its rank among the five. Speed: meta-steps/s and the compiled step's
 temporary memory for several unroll lengths, with plain Adam task-steps/s on the same tasks
-timed in the same invocation as the baseline of the ratio.
+timed in the same invocation as the baseline of the ratio. It runs under the CPU settings
+`launch/learned_optimizer.py` gives its users (`common/cpu_settings.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import platform
-import sys
-import time
+if __name__ == "__main__":  # the launcher's CPU settings (common/cpu_settings.py), before JAX starts
+    from common import cpu_settings
+    cpu_settings.apply_before_jax()
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import app, flags
-from matplotlib.figure import Figure
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
-from benchmarks import machine
-from benchmarks.stats import mean_sd
-from common import config as config_lib
-from common import metrics, workdirs
-from launch import flags as launch_flags
-from launch import learned_optimizer as launcher
-from learned_optimizers import evaluate, lstm, tasks, train
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from benchmarks import machine  # noqa: E402
+from benchmarks.stats import mean_sd  # noqa: E402
+from common import config as config_lib  # noqa: E402
+from common import metrics, workdirs  # noqa: E402
+from launch import flags as launch_flags  # noqa: E402
+from launch import learned_optimizer as launcher  # noqa: E402
+from learned_optimizers import evaluate, lstm, tasks, train  # noqa: E402
 
 flags.DEFINE_list("configs", ["lstm_quadratic", "lstm_quadratic_second_order", "lstm_mlp_digits"],
                   "Config files to run.")
@@ -45,7 +50,8 @@ flags.DEFINE_integer("speed_steps", 5, "Timed meta-steps per unroll length.")
 flags.DEFINE_string("meta_step_config", "",
                     "Config whose meta-step is timed against the machine's matmul peak "
                     "(e.g. lstm_mlp_mnist28; '' skips it).")
-flags.DEFINE_list("block_sizes", ["0", "1024"], "LSTM block sizes of that table (0: unblocked).")
+flags.DEFINE_list("task_batchings", ["vmap", "map"], "Task batchings of that table (the first is "
+                  "the reference of speedup_over_first).")
 flags.DEFINE_integer("meta_step_rounds", 3, "Alternating timing rounds of that table.")
 flags.DEFINE_bool("reevaluate", False,
                   "Recompute each finished run's eval.json from its meta_params.npz with the "
@@ -232,38 +238,53 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def step_cost(config: train.Config, family: tasks.TaskFamily) -> dict[str, float]:
-    """XLA cost analysis of one optimizer step's share of the meta-gradient: the K = 1 meta-step's
-    gradient (unblocked), whose one-trip loop is counted exactly (XLA counts a loop body once)."""
-    one = dataclasses.replace(config, unroll_length=1, horizon=1, block_size=0)
-    state = train.create_train_state(one, family, jax.random.PRNGKey(0))
-    grad = jax.jit(jax.grad(lambda phi, traj, data: train.truncated_meta_loss(
-        one, family, phi, traj, 0, data)[0]))
-    cost = grad.lower(state.meta_params, state.trajectories, family.data).compile().cost_analysis()
+def compiled_cost(fn, *args) -> dict[str, float]:
+    """XLA's cost analysis of `jax.jit(fn)(*args)`: {flops, bytes}."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
 
 
-def meta_step_speed(name: str, block_sizes, rounds: int) -> dict:
-    """The config's meta-step for each LSTM block size, timed alternately (`rounds` rounds,
+def step_cost(config: train.Config, family: tasks.TaskFamily) -> dict[str, float]:
+    """XLA cost analysis of one optimizer step's share of the meta-gradient: the K = 1 meta-step's
+    gradient, whose one-trip loop is counted exactly (XLA counts a loop body once), with the
+    LSTM's steps not rematerialised: the FLOPs of the function, not of the way it is computed."""
+    one = dataclasses.replace(config, unroll_length=1, horizon=1)
+    state = train.create_train_state(one, family, jax.random.PRNGKey(0))
+
+    def meta_loss(phi, trajectories, data):  # `train.truncated_meta_loss`, remat=False
+        tx = lstm.lstm_optimizer(phi, one.output_scale, one.preprocessing, remat=False)
+        return jnp.mean(jax.vmap(lambda t: tasks.scored_unroll(
+            tx, family, t, 1, 0, data, one.second_order)[1])(trajectories))
+
+    cost = jax.jit(jax.grad(meta_loss)).lower(
+        state.meta_params, state.trajectories, family.data).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
+
+
+def meta_step_speed(name: str, batchings, rounds: int) -> dict:
+    """The config's meta-step for each task batching, timed alternately (`rounds` rounds,
     medians), against the matmul peak and copy bandwidth measured in the same process: FLOPs per
-    meta-step = K x `step_cost` (the same function whatever the block size), fraction of peak =
-    achieved FLOP/s / peak; plain Adam on the same tasks as in `speed`."""
+    meta-step = K x `step_cost` (the same function whatever the batching), fraction of peak =
+    achieved FLOP/s at the median time / the highest peak, and paired (the median over rounds of
+    each round's fraction of the peak measured after it); plain Adam on the same tasks as in
+    `speed`."""
     base = config_from_file(name)
     family = train.make_family(base, "train")
     cost = step_cost(base, family)
     k = base.unroll_length
     steps, memory = {}, {}
-    for b in block_sizes:
-        config = dataclasses.replace(base, block_size=b)
+    for b in batchings:
+        config = dataclasses.replace(base, task_batching=b)
         state = train.create_train_state(config, family, jax.random.PRNGKey(0))
         step = jax.jit(train.make_train_step(config, family))
         memory[b] = step.lower(state, family.data).compile().memory_analysis()
         jax.block_until_ready(step(state, family.data))
         steps[b] = (step, state)
-    peaks, bandwidths, seconds = [matmul_peak()], [copy_bandwidth()], {b: [] for b in block_sizes}
+    peaks, bandwidths, seconds = [matmul_peak()], [copy_bandwidth()], {b: [] for b in batchings}
     for _ in range(rounds):
-        for b in block_sizes:
+        for b in batchings:
             step, state = steps[b]
             seconds[b].append(timed(step, state, family.data))
         peaks.append(matmul_peak())
@@ -276,11 +297,11 @@ def meta_step_speed(name: str, block_sizes, rounds: int) -> dict:
                                    in_axes=(0, None)))
     adam_seconds = time_calls(adam_unroll, (trajectories, family.data), 5)
     rows = {}
-    for b in block_sizes:
+    for b in batchings:
         median = float(np.median(seconds[b]))
         task_steps = base.meta_batch_size * k
-        rows[str(b)] = {
-            "block_size": b, "unroll_length": k, "meta_batch_size": base.meta_batch_size,
+        rows[b] = {
+            "task_batching": b, "unroll_length": k, "meta_batch_size": base.meta_batch_size,
             "seconds_per_meta_step": seconds[b], "meta_steps_per_s": 1.0 / median,
             "task_steps_per_s": task_steps / median,
             "adam_task_steps_per_s": task_steps / adam_seconds,
@@ -288,15 +309,21 @@ def meta_step_speed(name: str, block_sizes, rounds: int) -> dict:
             "flops_per_meta_step": k * cost["flops"],
             "achieved_flops_per_s": k * cost["flops"] / median,
             "fraction_of_matmul_peak": k * cost["flops"] / median / peak,
-            "unblocked_bytes_per_meta_step": k * cost["bytes"],
-            "unblocked_bytes_per_s_over_copy_bandwidth": k * cost["bytes"] / median / bandwidth,
+            # each round against the peak measured right after it: robust to the slow spells of
+            # a shared machine, which slow both
+            "fraction_of_matmul_peak_paired": float(np.median(
+                [k * cost["flops"] / t / p for t, p in zip(seconds[b], peaks[1:])])),
+            "bytes_per_meta_step": k * cost["bytes"],
+            "bytes_per_s_over_copy_bandwidth": k * cost["bytes"] / median / bandwidth,
             "temp_memory_mib": getattr(memory[b], "temp_size_in_bytes", 0) / 2**20,
-            "speedup_over_first": float(np.median(np.array(seconds[block_sizes[0]])
+            "speedup_over_first": float(np.median(np.array(seconds[batchings[0]])
                                                   / np.array(seconds[b])))}
-        print(f"meta-step, block {b}: {rows[str(b)]}", flush=True)
+        print(f"meta-step, {b}: {rows[b]}", flush=True)
     return {"config": name, "matmul_peak_flops_per_s": peak, "matmul_peaks": peaks,
             "copy_bytes_per_s": bandwidth, "copy_bandwidths": bandwidths,
-            "machine": machine.machine_record(), "command": command(), "rows": rows}
+            "machine": machine.machine_record(), "command": command(),
+            "environment": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
+            "rows": rows}
 
 
 def print_table(results: dict) -> None:
@@ -319,11 +346,11 @@ def main(argv):
     unrolls, speed_config = [int(k) for k in FLAGS.unroll_lengths], FLAGS.speed_config
     speed_steps, note = FLAGS.speed_steps, FLAGS.note
     meta_step_config, rounds = FLAGS.meta_step_config, FLAGS.meta_step_rounds
-    block_sizes = [int(b) for b in FLAGS.block_sizes]
+    batchings = list(FLAGS.task_batchings)
     results = quality(configs, seeds, root, os.path.dirname(output), FLAGS.reevaluate,
                       FLAGS.trained_on or devices())
     speed_results = speed(speed_config, unrolls, speed_steps) if unrolls else {}
-    meta_step = meta_step_speed(meta_step_config, block_sizes, rounds) if meta_step_config else {}
+    meta_step = meta_step_speed(meta_step_config, batchings, rounds) if meta_step_config else {}
     previous = {}
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:

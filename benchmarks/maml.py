@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import machine, xla_profile  # noqa: E402
-from common import parallel  # noqa: E402
+from common import parallel, task_gradients  # noqa: E402
 from launch import flags as launch_flags  # noqa: E402
 from launch import maml as launch_maml  # noqa: E402
 from maml import core, tasks, train  # noqa: E402
@@ -378,7 +378,7 @@ def main():
             results["speed"][key] = {
                 "meta_batch": meta_batch, "inner_steps": config.inner.steps,
                 "conv_impl": train.resolve_conv_impl(config.conv_impl),
-                "task_batching": core.resolve_task_batching(config.inner.task_batching),
+                "task_batching": task_gradients.resolve_task_batching(config.inner.task_batching),
                 "seconds_per_step_ours": times["ours"], "seconds_per_step_torch": times["torch"],
                 "meta_steps_per_s_ours": 1 / s_ours, "meta_steps_per_s_torch": 1 / s_torch,
                 "ratio": s_torch / s_ours, "ratio_paired_median": paired,

@@ -1,5 +1,6 @@
-"""Process settings under which the GAN's and the few-shot learners' steps run faster on XLA's
-CPU backend; `launch/gan.py` and `launch/maml.py` apply them.
+"""Process settings under which the GAN's, the few-shot learners' and the learned optimizer's steps
+run faster on XLA's CPU backend; `launch/gan.py`, `launch/maml.py` and `launch/learned_optimizer.py`
+apply them.
 
 Both must be in place before JAX starts, so those launchers call `apply_before_jax()` before
 importing anything that imports JAX (this module imports neither JAX nor NumPy):
@@ -15,7 +16,7 @@ importing anything that imports JAX (this module imports neither JAX nor NumPy):
 
 A user's own value of either variable wins; `L2GL_CPU_SETTINGS=0` turns both off.
 `benchmarks/gan_speed.py` measures the DCGAN step with and without them; benchmarks/README.md has
-the few-shot figures.
+the few-shot and learned-optimizer figures.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Mapping
 XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 GLIBC_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "L2GL_CPU_SETTINGS"
-LAUNCHERS = ("gan", "maml")  # the launchers that apply them
+LAUNCHERS = ("gan", "maml", "learned_optimizer")  # the launchers that apply them
 
 
 def with_settings(environ: Mapping[str, str]) -> dict[str, str]:

@@ -2,10 +2,14 @@
 `python -m launch.learned_optimizer --flagfile=launch/configs/lstm_quadratic.flags --workdir=...`.
 """
 
-from absl import app
+if __name__ == "__main__":  # before JAX starts: XLA flags and glibc malloc (common/cpu_settings.py)
+    from common import cpu_settings
+    cpu_settings.apply_before_jax()
 
-from launch import flags as launch_flags
-from learned_optimizers import train
+from absl import app  # noqa: E402
+
+from launch import flags as launch_flags  # noqa: E402
+from learned_optimizers import train  # noqa: E402
 
 launch_flags.define_config_flags(train.Config)
 

@@ -22,15 +22,17 @@ Preprocessing (the paper's appendix), with p = 10:
 
 or the identity ρ(g) = g (the paper's quadratic experiments), selected by `preprocessing`.
 
-With `block_size` = B > 0 the network runs on blocks of B coordinates of a parameter tensor at a
-time (`blocked_network`, `lax.map`), each block rematerialised in the backward pass: the same
-function and the same derivatives, but a block's gate activations stay in the CPU's cache instead
-of being written to memory for all coordinates at once and read back by the backward pass.
+How it is computed: all the coordinates of the parameter pytree form one batch of N columns
+(`jax.flatten_util.ravel_pytree` order), the network runs on column vectors
+(`common.lstm.lstm_cell_columns`: each gate a contiguous [H, N] block), in a few column blocks
+(`num_blocks`: smaller working sets, independent calls for XLA to spread over the cores), and each
+step is rematerialised in the backward pass (`jax.checkpoint`, `remat`): a meta-gradient through K
+steps keeps only the states, not K steps of gate activations.
 
 `lstm_optimizer(meta_params)` is an `optax.GradientTransformation` on any parameter pytree: its
-state holds (h, c) of both layers for every coordinate, a pytree shaped like the parameters with two
-trailing axes [num_layers, hidden_size]. `save` / `load` write and read the meta-parameters and the
-settings needed to rebuild the optimizer as one `.npz` file.
+state holds (h, c) of every layer for every coordinate, one [hidden_size, N] array per layer.
+`save` / `load` write and read the meta-parameters and the settings needed to rebuild the optimizer
+as one `.npz` file.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.flatten_util import ravel_pytree
 
 from common import lstm as common_lstm
 
 PREPROCESSING = ("log_sign", "identity")
 INPUT_SIZE = {"log_sign": 2, "identity": 1}
 LOG_SIGN_P = 10.0
+NUM_BLOCKS = 4  # column blocks of the coordinates, each its own network call (lstm_optimizer)
 
 
 def preprocess(grads: jax.Array, preprocessing: str = "log_sign",
@@ -88,44 +92,24 @@ def init_meta_params(key: jax.Array, preprocessing: str = "log_sign", hidden_siz
     return params
 
 
-def network(meta_params: dict[str, Any], x: jax.Array, h: jax.Array, c: jax.Array):
-    """m(x, s; φ) on N coordinates: x [N, in], h and c [N, L, H] -> (output [N], h', c')."""
+def network(meta_params: dict[str, Any], x: jax.Array, h: tuple[jax.Array, ...],
+            c: tuple[jax.Array, ...]):
+    """m(x, s; φ) on N coordinates as columns: x [in, N], h and c one [H, N] per layer ->
+    (output [N], h', c')."""
     new_h, new_c = [], []
     inputs = x
-    for layer in range(h.shape[-2]):
-        inputs, cell = common_lstm.lstm_cell(meta_params[f"layer{layer}"], inputs, h[:, layer],
-                                             c[:, layer])
+    for layer, (h_l, c_l) in enumerate(zip(h, c)):
+        inputs, cell = common_lstm.lstm_cell_columns(meta_params[f"layer{layer}"], inputs, h_l, c_l)
         new_h.append(inputs)
         new_c.append(cell)
-    output = inputs @ meta_params["output"]["w"] + meta_params["output"]["b"]
-    return output, jnp.stack(new_h, axis=1), jnp.stack(new_c, axis=1)
-
-
-def pad_to_blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """[N, ...] -> [ceil(N / B), B, ...], zero rows appended."""
-    pad = (-x.shape[0]) % block_size
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(-1, block_size, *x.shape[1:])
-
-
-def blocked_network(meta_params: dict[str, Any], x: jax.Array, h: jax.Array, c: jax.Array,
-                    block_size: int):
-    """`network` computed B = `block_size` coordinates at a time, each block under
-    `jax.checkpoint`: equal values, and derivatives equal up to the order of summation of the
-    per-coordinate terms of ∂/∂φ. Leaves of at most B coordinates go through `network` whole."""
-    n = x.shape[0]
-    if n <= block_size:
-        return network(meta_params, x, h, c)
-    block = jax.checkpoint(lambda args: network(meta_params, *args))
-    out, new_h, new_c = jax.lax.map(block, tuple(pad_to_blocks(a, block_size) for a in (x, h, c)))
-    unblock = lambda a: a.reshape(-1, *a.shape[2:])[:n]  # noqa: E731
-    return unblock(out), unblock(new_h), unblock(new_c)
+    output = meta_params["output"]["w"] @ inputs + meta_params["output"]["b"]
+    return output, tuple(new_h), tuple(new_c)
 
 
 class LSTMOptimizerState(NamedTuple):
-    """Per-coordinate recurrent state: pytrees shaped like the params, leaves [*shape, L, H]."""
-    h: Any
-    c: Any
+    """Per-coordinate recurrent state: per layer an [H, N] array, N the number of coordinates."""
+    h: tuple[jax.Array, ...]
+    c: tuple[jax.Array, ...]
 
 
 def num_layers_and_hidden(meta_params: dict[str, Any]) -> tuple[int, int]:
@@ -133,11 +117,33 @@ def num_layers_and_hidden(meta_params: dict[str, Any]) -> tuple[int, int]:
     return layers, meta_params["layer0"]["w_h"].shape[0]
 
 
-def lstm_optimizer(meta_params: dict[str, Any], scale: float = 1.0,
-                   preprocessing: str = "log_sign",
-                   block_size: int = 0) -> optax.GradientTransformation:
-    """The learned optimizer: updates u = scale · m(ρ(g), s; φ), coordinate by coordinate;
-    `block_size` > 0 computes m by `blocked_network`."""
+def column_blocks(x: jax.Array, num_blocks: int) -> list[jax.Array]:
+    """x [..., N] as `num_blocks` (at most N) consecutive column blocks of near-equal widths."""
+    n = x.shape[-1]
+    k = max(1, min(num_blocks, n))
+    return jnp.split(x, [round(i * n / k) for i in range(1, k)], axis=-1)
+
+
+def blocked_network(step, meta_params: dict[str, Any], x: jax.Array, h: tuple[jax.Array, ...],
+                    c: tuple[jax.Array, ...], num_blocks: int):
+    """`step` (the network, or its rematerialised form) on each column block of the
+    coordinates, the results joined: the same values and derivatives as one call."""
+    blocks = [column_blocks(a, num_blocks) for a in (x, *h, *c)]
+    outputs = [step(meta_params, x_b, per_block[:len(h)], per_block[len(h):])
+               for x_b, *per_block in zip(*blocks)]
+    join = lambda parts: jnp.concatenate(parts, axis=-1)  # noqa: E731
+    out = join([o[0] for o in outputs])
+    return (out, *(tuple(join([o[i][layer] for o in outputs]) for layer in range(len(h)))
+                   for i in (1, 2)))
+
+
+def lstm_optimizer(meta_params: dict[str, Any], scale: float = 1.0, preprocessing: str = "log_sign",
+                   remat: bool = True, num_blocks: int = NUM_BLOCKS
+                   ) -> optax.GradientTransformation:
+    """The learned optimizer: updates u = scale · m(ρ(g), s; φ), coordinate by coordinate.
+
+    With `remat` a derivative through it recomputes each step's gates instead of storing them;
+    the coordinates go through the network in `num_blocks` column blocks (`blocked_network`)."""
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"Unknown preprocessing {preprocessing!r}; choose one of {PREPROCESSING}.")
     in_size = meta_params["layer0"]["w_x"].shape[0]
@@ -145,27 +151,21 @@ def lstm_optimizer(meta_params: dict[str, Any], scale: float = 1.0,
         raise ValueError(f"These meta-parameters take {in_size} inputs per coordinate; "
                          f"preprocessing {preprocessing!r} gives {INPUT_SIZE[preprocessing]}.")
     layers, hidden = num_layers_and_hidden(meta_params)
+    step = jax.checkpoint(network) if remat else network
 
     def init(params):
-        zeros = lambda p: jnp.zeros((*jnp.shape(p), layers, hidden), jnp.result_type(p))  # noqa: E731
-        return LSTMOptimizerState(h=jax.tree.map(zeros, params), c=jax.tree.map(zeros, params))
-
-    def update_leaf(g, h, c):
-        x = preprocess(jnp.reshape(g, (-1,)), preprocessing)
-        args = (meta_params, x.astype(h.dtype), h.reshape(-1, layers, hidden),
-                c.reshape(-1, layers, hidden))
-        out, h2, c2 = blocked_network(*args, block_size) if block_size else network(*args)
-        update = (scale * out).reshape(g.shape).astype(g.dtype)
-        return update, h2.reshape(h.shape), c2.reshape(c.shape)
+        flat, _ = ravel_pytree(params)
+        zeros = tuple(jnp.zeros((hidden, flat.size), flat.dtype) for _ in range(layers))
+        return LSTMOptimizerState(h=zeros, c=zeros)
 
     def update(grads, state, params=None):
         del params
-        treedef = jax.tree.structure(grads)
-        per_leaf = [update_leaf(*leaf) for leaf in zip(treedef.flatten_up_to(grads),
-                                                       treedef.flatten_up_to(state.h),
-                                                       treedef.flatten_up_to(state.c))]
-        updates, h, c = (treedef.unflatten([leaf[i] for leaf in per_leaf]) for i in range(3))
-        return updates, LSTMOptimizerState(h=h, c=c)
+        flat, unravel = ravel_pytree(grads)
+        x = preprocess(flat, preprocessing).T.astype(state.h[0].dtype)
+        out, h, c = blocked_network(step, meta_params, x, state.h, state.c, num_blocks)
+        same_dtype = lambda new, old: tuple(a.astype(b.dtype) for a, b in zip(new, old))  # noqa: E731
+        return (unravel((scale * out).astype(flat.dtype)),
+                LSTMOptimizerState(h=same_dtype(h, state.h), c=same_dtype(c, state.c)))
 
     return optax.GradientTransformation(init, update)
 

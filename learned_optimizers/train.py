@@ -6,7 +6,8 @@ it produces over a horizon of T steps,
     L(φ) = E_f [ Σ_{t=1..T} f(θ_t) ],    θ_{t+1} = θ_t + u_t(φ),
 
 θ_t the parameters after t updates (f(θ_0) does not depend on φ and is left out), estimated on a
-meta-batch of tasks (vmapped, and sharded over the mesh's `data` axis). The horizon is cut into
+meta-batch of tasks (split over the mesh's `data` axis; each device computes its tasks' gradient,
+vmapped or one task at a time, `task_batching`). The horizon is cut into
 unrolls of K steps: each meta-step (`make_train_step`) runs K optimizer steps of every task in the
 meta-batch inside `lax.scan`, from step s to s + K, and takes the gradient with respect to φ of
 
@@ -47,14 +48,16 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
-from common import checkpoints, metrics, parallel, workdirs
+from common import checkpoints, metrics, parallel, task_gradients, workdirs
 from common import config as config_lib
 from common.config import choice
 from learned_optimizers import evaluate, lstm, tasks
 
 ESTIMATORS = ("tbptt", "pes")
 META_LR_SCHEDULES = ("constant", "cosine")
+TASK_BATCHING = ("auto", "vmap", "map")
 META_PARAMS_FILE = "meta_params.npz"
 
 
@@ -74,9 +77,6 @@ class Config:
         output_scale: Update = output_scale * LSTM output.
         hidden_size: LSTM hidden units per layer.
         num_layers: LSTM layers.
-        block_size: Compute the LSTM on blocks of this many coordinates, rematerialised in the
-            backward pass (`lstm.blocked_network`: the same function, cache-sized working set);
-            0 = all coordinates of a parameter tensor at once.
         horizon: Optimizer steps per task during meta-training (T).
         unroll_length: Steps per truncated unroll (K); T % K == 0.
         meta_batch_size: Tasks per meta-step (over all devices).
@@ -84,6 +84,9 @@ class Config:
         meta_lr_schedule: Meta learning rate: constant, or cosine decay to 0 over num_steps.
         meta_clip_norm: Global-norm clip of the meta-gradient.
         second_order: Keep second derivatives of f in the meta-gradient.
+        task_batching: How truncated BPTT computes the meta-batch's gradient (same numbers): vmap
+            over the tasks, map (one task after the other, `common.task_gradients`), or auto (map
+            on CPU, vmap elsewhere).
         estimator: Meta-gradient estimator: tbptt (truncated backpropagation, the paper) or pes
             (Persistent Evolution Strategies, unbiased under truncation).
         pes_sigma: PES: standard deviation of the perturbations of the meta-parameters.
@@ -112,7 +115,6 @@ class Config:
     output_scale: float = 1.0
     hidden_size: int = 20
     num_layers: int = 2
-    block_size: int = 0
     horizon: int = 100
     unroll_length: int = 20
     meta_batch_size: int = 32
@@ -120,6 +122,7 @@ class Config:
     meta_lr_schedule: str = choice("constant", META_LR_SCHEDULES)
     meta_clip_norm: float = 1.0
     second_order: bool = False
+    task_batching: str = choice("auto", TASK_BATCHING)
     estimator: str = choice("tbptt", ESTIMATORS)
     pes_sigma: float = 0.01
     num_steps: int = 1000
@@ -143,8 +146,6 @@ class Config:
         if self.estimator == "pes" and self.meta_batch_size % 2:
             raise ValueError(f"PES needs an even meta_batch_size (antithetic pairs), got "
                              f"{self.meta_batch_size}.")
-        if self.block_size < 0:
-            raise ValueError(f"block_size must be >= 0 (0: unblocked), got {self.block_size}.")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}.")
         if not self.pes_sigma > 0:
@@ -157,7 +158,7 @@ class Config:
 
 # Keys a rerun may change without starting a different run.
 RESUMABLE_KEYS = ("num_steps", "max_minutes", "log_every", "checkpoint_every", "data_dir", "evaluate",
-                  "num_test_tasks", "eval_horizons", "transfer_tasks")
+                  "num_test_tasks", "eval_horizons", "transfer_tasks", "task_batching")
 
 
 @flax.struct.dataclass
@@ -185,8 +186,7 @@ def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 def make_optimizer(config: Config, meta_params) -> optax.GradientTransformation:
     """The learned optimizer with meta-parameters φ = `meta_params`."""
-    return lstm.lstm_optimizer(meta_params, config.output_scale, config.preprocessing,
-                               config.block_size)
+    return lstm.lstm_optimizer(meta_params, config.output_scale, config.preprocessing)
 
 
 def meta_optimizer(config: Config) -> optax.GradientTransformation:
@@ -227,19 +227,55 @@ def create_train_state(config: Config, family: tasks.TaskFamily, key: jax.Array)
                           perturbation_sums=sums)
 
 
+def task_meta_loss(config: Config, family: tasks.TaskFamily, meta_params,
+                   trajectory: tasks.Trajectory, first_step, data):
+    """(L_s(φ) = 1/K Σ_{t=s+1..s+K} f(θ_t) of one task, its trajectory after the unroll),
+    s = `first_step`, K the unroll length, θ_s the `trajectory`'s parameters."""
+    trajectory, losses = tasks.scored_unroll(make_optimizer(config, meta_params), family,
+                                             trajectory, config.unroll_length, first_step, data,
+                                             config.second_order)
+    return jnp.mean(losses), trajectory
+
+
 def truncated_meta_loss(config: Config, family: tasks.TaskFamily, meta_params,
                         trajectories: tasks.Trajectory, first_step, data):
-    """(Mean over the meta-batch of L_s(φ) = 1/K Σ_{t=s+1..s+K} f(θ_t), the trajectories after
-    the unroll), s = `first_step`, K the unroll length, θ_s the `trajectories`' parameters."""
-    tx = make_optimizer(config, meta_params)
-
-    def one(traj):
-        traj, losses = tasks.scored_unroll(tx, family, traj, config.unroll_length, first_step,
-                                           data, config.second_order)
-        return jnp.mean(losses), traj
-
-    losses, trajectories = jax.vmap(one)(trajectories)
+    """(Mean over the meta-batch of `task_meta_loss`, the trajectories after the unroll): the
+    objective whose gradient truncated BPTT follows."""
+    losses, trajectories = jax.vmap(
+        lambda traj: task_meta_loss(config, family, meta_params, traj, first_step, data)
+    )(trajectories)
     return jnp.mean(losses), trajectories
+
+
+def truncated_meta_gradient(config: Config, family: tasks.TaskFamily, meta_params,
+                            trajectories: tasks.Trajectory, first_step, data):
+    """(∇_φ truncated_meta_loss, its value, the trajectories after the unroll), computed per
+    `config.task_batching`: "vmap" differentiates `truncated_meta_loss`, "map" sums the tasks'
+    gradients one task at a time (`common.task_gradients`)."""
+    if task_gradients.resolve_task_batching(config.task_batching) == "map":
+        grads, losses, trajectories = task_gradients.mean_gradient_one_task_at_a_time(
+            lambda phi, traj: task_meta_loss(config, family, phi, traj, first_step, data),
+            meta_params, trajectories)
+        return grads, jnp.mean(losses), trajectories
+    (loss, trajectories), grads = jax.value_and_grad(truncated_meta_loss, argnums=2, has_aux=True)(
+        config, family, meta_params, trajectories, first_step, data)
+    return grads, loss, trajectories
+
+
+def sharded_meta_gradient(config: Config, family: tasks.TaskFamily, mesh) -> Callable:
+    """`truncated_meta_gradient` with the meta-batch split over the mesh axis `data`: each device
+    computes the gradient of its tasks, and the gradients and losses are averaged across devices
+    (equal to the single-device gradient, tested)."""
+    def local(meta_params, trajectories, first_step, data):
+        # Device-varying copies: each device differentiates its own tasks' loss (the gradient
+        # with respect to a replicated value would be summed over devices).
+        meta_params = jax.lax.pcast(meta_params, parallel.DATA_AXIS, to="varying")
+        grads, loss, trajectories = truncated_meta_gradient(config, family, meta_params,
+                                                            trajectories, first_step, data)
+        return jax.lax.pmean((grads, loss), parallel.DATA_AXIS), trajectories
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P(), P()),
+                         out_specs=((P(), P()), P(parallel.DATA_AXIS)))
 
 
 def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajectories,
@@ -268,14 +304,16 @@ def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajecto
     return grads, jnp.mean(losses), trajectories, sums
 
 
-def make_train_step(config: Config, family: tasks.TaskFamily) -> Callable:
+def make_train_step(config: Config, family: tasks.TaskFamily, mesh=None) -> Callable:
     """Returns the unjitted meta-step `train_step(state, data) -> (state, metrics)`: one unroll
-    and φ update, the meta-gradient by truncated BPTT or by PES (`config.estimator`); `data` is
-    the family's shared arrays (`family.data`)."""
+    and φ update, the meta-gradient by truncated BPTT (`sharded_meta_gradient` over `mesh`, by
+    default all devices) or by PES (`config.estimator`); `data` is the family's shared arrays
+    (`family.data`)."""
     num_unrolls = config.horizon // config.unroll_length
     init_key, train_key = root_keys(config.seed)
     perturbation_key = jax.random.fold_in(init_key, 1)  # PES: ε of meta-step s from fold_in(., s)
     meta_tx = meta_optimizer(config)
+    meta_gradient = sharded_meta_gradient(config, family, mesh or parallel.make_mesh())
 
     def train_step(state: MetaTrainState, data):
         position = state.step % num_unrolls
@@ -290,10 +328,8 @@ def make_train_step(config: Config, family: tasks.TaskFamily) -> Callable:
                 config, family, state.meta_params, trajectories, sums, first_step, data,
                 jax.random.fold_in(perturbation_key, state.step))
         else:
-            loss_fn = lambda phi: truncated_meta_loss(  # noqa: E731
-                config, family, phi, trajectories, first_step, data)
-            (loss, trajectories), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.meta_params)
+            (grads, loss), trajectories = meta_gradient(state.meta_params, trajectories,
+                                                        first_step, data)
         updates, meta_opt_state = meta_tx.update(grads, state.meta_opt_state, state.meta_params)
         state = state.replace(step=state.step + 1,
                               meta_params=optax.apply_updates(state.meta_params, updates),
@@ -317,7 +353,7 @@ def jit_train_step(config: Config, mesh, family: tasks.TaskFamily,
     """`make_train_step` jitted with the shardings of `state_shardings` (the state donated)."""
     shardings = state_shardings(mesh, state)
     replicated = parallel.replicated_sharding(mesh)
-    return jax.jit(make_train_step(config, family), in_shardings=(shardings, replicated),
+    return jax.jit(make_train_step(config, family, mesh), in_shardings=(shardings, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 

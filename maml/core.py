@@ -44,7 +44,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from common import config as config_lib
-from common import parallel
+from common import parallel, task_gradients
 
 Params = Any
 Batch = Any
@@ -225,16 +225,6 @@ def task_objective(meta_params: dict, task: dict, weights: jax.Array, learner: L
     return loss, losses[-1][1]
 
 
-def resolve_task_batching(task_batching: str, platform: str | None = None) -> str:
-    """'auto' -> on CPU 'map': each device runs its tasks one after the other, whose programs
-    are smaller than vmap's batched ones and faster in every setting `benchmarks/maml.py`
-    measures (the models' convolutions are im2col + matmul there, so no convolution sits in the
-    loop); elsewhere 'vmap', the definition."""
-    if task_batching != "auto":
-        return task_batching
-    return "map" if (platform or jax.devices()[0].platform) == "cpu" else "vmap"
-
-
 def batch_objective(meta_params: dict, tasks: dict, weights: jax.Array, learner: Learner,
                     config: MetaConfig) -> tuple[jax.Array, dict]:
     """The mean over the meta-batch (leading axis of `tasks`) of `task_objective`.
@@ -243,7 +233,7 @@ def batch_objective(meta_params: dict, tasks: dict, weights: jax.Array, learner:
     `config.task_batching`.
     """
     per_task = functools.partial(task_objective, weights=weights, learner=learner, config=config)
-    strategy = resolve_task_batching(config.task_batching)
+    strategy = task_gradients.resolve_task_batching(config.task_batching)
     if strategy == "vmap":
         losses, metrics = jax.vmap(per_task, in_axes=(None, 0))(meta_params, tasks)
     elif strategy == "map":
@@ -263,7 +253,7 @@ def meta_gradient(meta_params: dict, tasks: dict, weights: jax.Array, learner: L
     "map" sums the tasks' gradients (∇ of the mean is the mean of the ∇): `summed_task_gradients`.
     The other strategies differentiate `batch_objective`.
     """
-    if resolve_task_batching(config.task_batching) == "map":
+    if task_gradients.resolve_task_batching(config.task_batching) == "map":
         return summed_task_gradients(meta_params, tasks, weights, learner, config)
     (loss, metrics), grads = jax.value_and_grad(batch_objective, has_aux=True)(
         meta_params, tasks, weights, learner, config)
@@ -272,20 +262,12 @@ def meta_gradient(meta_params: dict, tasks: dict, weights: jax.Array, learner: L
 
 def summed_task_gradients(meta_params: dict, tasks: dict, weights: jax.Array, learner: Learner,
                           config: MetaConfig) -> tuple[dict, jax.Array, dict]:
-    """(∇F, F, metrics) with the tasks one after the other in a `lax.scan`: each iteration
-    computes one task's objective and its gradient, and the carry sums the gradients.
-
-    One task's activations are alive at a time. Differentiating a `lax.map` of the objective
-    instead stores every task's activations in stacked buffers for a second, backward loop.
-    """
-    def add_task(total, task):
-        (loss, metrics), grads = jax.value_and_grad(task_objective, has_aux=True)(
-            meta_params, task, weights, learner, config)
-        return optax.tree.add(total, grads), (loss, metrics)
-
-    total, (losses, metrics) = jax.lax.scan(add_task, optax.tree.zeros_like(meta_params), tasks)
-    return (optax.tree.scale(1 / losses.shape[0], total), jnp.mean(losses),
-            jax.tree.map(jnp.mean, metrics))
+    """(∇F, F, metrics) with the tasks one after the other: each iteration of a `lax.scan`
+    computes one task's objective and its gradient (`common.task_gradients`)."""
+    per_task = functools.partial(task_objective, weights=weights, learner=learner, config=config)
+    grads, losses, metrics = task_gradients.mean_gradient_one_task_at_a_time(
+        per_task, meta_params, tasks)
+    return grads, jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +297,7 @@ def make_meta_step(learner: Learner, config: MetaConfig, optimizer: optax.Gradie
     """
     config.validate()
     local_config = dataclasses.replace(
-        config, task_batching=resolve_task_batching(config.task_batching))
+        config, task_batching=task_gradients.resolve_task_batching(config.task_batching))
 
     def local(meta_params, tasks, weights):
         # Device-varying copies: each device differentiates its own tasks' loss. (The gradient

@@ -52,33 +52,34 @@ def test_update_equals_lstm_by_hand_per_coordinate(preprocessing):
     tx = lstm.lstm_optimizer(phi, scale, preprocessing)
     params = {"a": jnp.array([1.0]), "b": jnp.array(-2.0)}
     state = tx.init(params)
-    h = {"a": np.zeros((1, 2, 5)), "b": np.zeros((2, 5))}
-    c = {"a": np.zeros((1, 2, 5)), "b": np.zeros((2, 5))}
+    column = {"a": 0, "b": 1}  # the coordinates' order in the state (ravel_pytree's)
+    h = {name: np.zeros((2, 5)) for name in params}
+    c = {name: np.zeros((2, 5)) for name in params}
     for grads in ({"a": jnp.array([0.5]), "b": jnp.array(-1e-7)},
                   {"a": jnp.array([-3.0]), "b": jnp.array(2e-2)}):
         updates, state = tx.update(grads, state, params)
-        for name, shape_h in (("a", (0,)), ("b", ())):
+        for name in params:
             g = float(np.asarray(grads[name]).reshape(()))
             x = (np.array([g]) if preprocessing == "identity" else
                  np.array([np.log(abs(g)) / 10, np.sign(g)]) if abs(g) >= np.exp(-10) else
                  np.array([-1.0, np.exp(10) * g]))
-            hh, cc = h[name].reshape(2, 5), c[name].reshape(2, 5)
-            out, hh, cc = lstm_by_hand(phi, x, hh, cc)
-            h[name], c[name] = hh.reshape(h[name].shape), cc.reshape(c[name].shape)
+            out, h[name], c[name] = lstm_by_hand(phi, x, h[name], c[name])
+            assert updates[name].shape == params[name].shape
             np.testing.assert_allclose(np.asarray(updates[name]).reshape(()), scale * out,
                                        rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(np.asarray(state.h[name]), h[name], rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(np.asarray(state.c[name]), c[name], rtol=1e-5, atol=1e-7)
+            for layer in range(2):
+                np.testing.assert_allclose(np.asarray(state.h[layer][:, column[name]]),
+                                           h[name][layer], rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(np.asarray(state.c[layer][:, column[name]]),
+                                           c[name][layer], rtol=1e-5, atol=1e-7)
 
 
-def test_state_shapes_follow_params():
+def test_state_holds_every_coordinate_per_layer():
     phi = lstm.init_meta_params(jax.random.PRNGKey(0), hidden_size=7, num_layers=3)
     params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}, "scalar": jnp.zeros(())}
     state = lstm.lstm_optimizer(phi).init(params)
-    for tree in (state.h, state.c):
-        assert jax.tree.structure(tree) == jax.tree.structure(params)
-        for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(tree)):
-            assert s.shape == p.shape + (3, 7)
+    for layers in (state.h, state.c):
+        assert [s.shape for s in layers] == [(7, 16)] * 3
     updates, _ = lstm.lstm_optimizer(phi).update(params, state, params)
     assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
 
@@ -95,7 +96,7 @@ def test_composes_inside_optax_chain():
     got, state = chained.update(grads, chained.init(params), params)
     for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(g), -2.0 * np.asarray(e), rtol=1e-5)
-    assert jax.tree.leaves(state[1].h)[0].shape[-2:] == (2, 20)
+    assert [h.shape for h in state[1].h] == [(20, 8), (20, 8)]
 
 
 def test_save_load_round_trip(tmp_path):
@@ -119,10 +120,11 @@ def test_mismatched_preprocessing_is_a_clear_error():
         lstm.lstm_optimizer(phi, preprocessing="log_sign")
 
 
-def test_blocked_network_computes_the_same_updates_and_meta_gradient():
-    """block_size > 0 (blocks of 8 coordinates, a leaf of 37 = 4 blocks + 5 padded rows, a leaf
-    smaller than a block) agrees with the unblocked optimizer in updates, states and ∂/∂φ of a
-    function of two steps' updates (float64)."""
+@pytest.mark.parametrize("num_blocks", [3, 50])
+def test_column_blocks_compute_the_same_updates_states_and_meta_gradient(num_blocks):
+    """`num_blocks` calls on column blocks (3 blocks of 42 coordinates; 50 > 42: one per
+    coordinate) against one call on all: updates, states and ∂/∂φ of a function of two steps'
+    updates agree (float64)."""
     with jax.enable_x64(True):
         phi = lstm.init_meta_params(jax.random.PRNGKey(4), "log_sign", hidden_size=5,
                                     output_init_scale=1.0)
@@ -130,17 +132,19 @@ def test_blocked_network_computes_the_same_updates_and_meta_gradient():
         grads = [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.PRNGKey(k), p.shape),
                               params) for k in (5, 6)]
 
-        def two_steps(phi, block_size):
-            tx = lstm.lstm_optimizer(phi, 0.1, "log_sign", block_size)
-            state, total = tx.init(params), 0.0
+        def two_steps(phi, num_blocks):
+            tx = lstm.lstm_optimizer(phi, 0.1, "log_sign", num_blocks=num_blocks)
+            state, total, all_updates = tx.init(params), 0.0, []
             for g in grads:
                 updates, state = tx.update(g, state, params)
-                total += sum(jnp.sum(jnp.sin(3.0 * u)) for u in jax.tree.leaves(updates))
-            return total, state
+                all_updates.append(updates)
+                total += sum(jnp.vdot(jnp.sin(3.0 * u), jnp.arange(u.size) + 1.0)
+                             for u in jax.tree.leaves(updates))
+            return total, (state, all_updates)
 
-        (value, state), grad = jax.value_and_grad(two_steps, has_aux=True)(phi, 0)
-        (value_b, state_b), grad_b = jax.jit(jax.value_and_grad(two_steps, has_aux=True),
-                                             static_argnums=1)(phi, 8)
+        run = jax.jit(jax.value_and_grad(two_steps, has_aux=True), static_argnums=1)
+        (value, state), grad = run(phi, 1)
+        (value_b, state_b), grad_b = run(phi, num_blocks)
         np.testing.assert_allclose(value_b, value, rtol=1e-12)
         for a, b in zip(jax.tree.leaves((state, grad)), jax.tree.leaves((state_b, grad_b))):
             np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)

@@ -110,6 +110,24 @@ def test_unrolls_of_a_horizon_sum_to_the_papers_objective():
 
 
 @pytest.mark.parametrize("second_order", [False, True])
+def test_one_task_at_a_time_gives_the_vmapped_meta_gradient(second_order):
+    """task_batching="map" (the CPU default) against "vmap", which differentiates
+    `truncated_meta_loss` itself: the same gradient, loss and trajectories (φ in float64, the
+    MLP's parameters in float32)."""
+    with jax.enable_x64(True):
+        config = dataclasses.replace(TINY, preprocessing="log_sign", output_scale=0.1,
+                                     meta_batch_size=3, second_order=second_order)
+        family = small_mlp_family()
+        phi = lstm.init_meta_params(jax.random.PRNGKey(0), "log_sign", 4, output_init_scale=1.0)
+        start = train.fresh_trajectories(config, family, jax.random.PRNGKey(1))
+        results = {batching: jax.jit(lambda phi, traj, b=batching: train.truncated_meta_gradient(
+            dataclasses.replace(config, task_batching=b), family, phi, traj, 3, family.data))(
+                phi, start) for batching in ("map", "vmap")}
+        assert float(optax.tree.norm(results["vmap"][0])) > 1e-3
+        chex.assert_trees_all_close(results["map"], results["vmap"], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
 def test_one_step_unroll_meta_gradient_is_nonzero_and_equals_finite_differences(second_order):
     """K = 1: L(φ) = f(θ_s + u(∇f(θ_s); φ)), so ∇L ≠ 0 (the old objective f(θ_s) gave exactly 0)
     and, ∇f(θ_s) not depending on φ, first and second order both equal finite differences."""

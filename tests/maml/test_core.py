@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import task_gradients
 from maml import core, models, tasks
 
 
@@ -173,9 +174,9 @@ def test_every_task_batching_and_conv_impl_gives_the_same_meta_gradient():
         chex.assert_trees_all_close(value, reference, rtol=2e-4, atol=2e-6,
                                     custom_message=str(key))
     # "auto": the CPU default is the map over patch convolutions just checked
-    assert core.resolve_task_batching("auto", "cpu") == "map"
-    assert core.resolve_task_batching("auto", "gpu") == "vmap"
-    assert core.resolve_task_batching("unrolled", "cpu") == "unrolled"
+    assert task_gradients.resolve_task_batching("auto", "cpu") == "map"
+    assert task_gradients.resolve_task_batching("auto", "gpu") == "vmap"
+    assert task_gradients.resolve_task_batching("unrolled", "cpu") == "unrolled"
 
 
 def test_map_keeps_one_tasks_activations_in_memory():
