@@ -128,13 +128,15 @@ def blocked_network(step, meta_params: dict[str, Any], x: jax.Array, h: tuple[ja
                     c: tuple[jax.Array, ...], num_blocks: int):
     """`step` (the network, or its rematerialised form) on each column block of the
     coordinates, the results joined: the same values and derivatives as one call."""
-    blocks = [column_blocks(a, num_blocks) for a in (x, *h, *c)]
-    outputs = [step(meta_params, x_b, per_block[:len(h)], per_block[len(h):])
-               for x_b, *per_block in zip(*blocks)]
+    h_blocks = [column_blocks(a, num_blocks) for a in h]  # [layer][block]
+    c_blocks = [column_blocks(a, num_blocks) for a in c]
+    outputs = [step(meta_params, x_b, tuple(a[j] for a in h_blocks), tuple(a[j] for a in c_blocks))
+               for j, x_b in enumerate(column_blocks(x, num_blocks))]
     join = lambda parts: jnp.concatenate(parts, axis=-1)  # noqa: E731
-    out = join([o[0] for o in outputs])
-    return (out, *(tuple(join([o[i][layer] for o in outputs]) for layer in range(len(h)))
-                   for i in (1, 2)))
+    out = join([o for o, _, _ in outputs])
+    new_h = tuple(join(parts) for parts in zip(*(h_b for _, h_b, _ in outputs)))
+    new_c = tuple(join(parts) for parts in zip(*(c_b for _, _, c_b in outputs)))
+    return out, new_h, new_c
 
 
 def lstm_optimizer(meta_params: dict[str, Any], scale: float = 1.0, preprocessing: str = "log_sign",

@@ -292,12 +292,9 @@ def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajecto
     sums = jax.tree.map(jnp.add, perturbation_sums, eps)
     particles = jax.tree.map(lambda p, e: jnp.concatenate([p + e, p - e]), meta_params, eps)
 
-    def one(phi, traj):
-        traj, losses = tasks.scored_unroll(make_optimizer(config, phi), family, traj,
-                                           config.unroll_length, first_step, data)
-        return jnp.mean(losses), traj
-
-    losses, trajectories = jax.vmap(one)(particles, trajectories)
+    losses, trajectories = jax.vmap(
+        lambda phi, traj: task_meta_loss(config, family, phi, traj, first_step, data)
+    )(particles, trajectories)
     difference = losses[:pairs] - losses[pairs:]
     grads = jax.tree.map(
         lambda xi: jnp.tensordot(difference, xi, 1) / (2 * pairs * config.pes_sigma ** 2), sums)
