@@ -11,6 +11,8 @@ closed over so that compiled functions do not embed them as constants.
                is an initialisation.
   Transfer targets of the paper: mlp_40 (40 hidden units), mlp_2layer (two hidden layers of 20),
   mlp_relu (ReLU instead of sigmoid).
+* `randomly_scaled(family, r)` -- any family with its parameters rescaled per coordinate (Lv et
+  al., 2017), a meta-training remedy.
 
 `unroll(tx, family, ...)` trains a task for a number of steps with an optax transformation inside
 `lax.scan` and returns the loss f(θ_t) at every step, evaluated before the step's update: the one
@@ -122,6 +124,28 @@ def mlp_family(images: np.ndarray, labels: np.ndarray, variant: str = "mlp",
 
     data = (jnp.asarray(features), jnp.asarray(labels, jnp.int32))
     return TaskFamily(variant, sample, loss, data)
+
+
+def randomly_scaled(family: TaskFamily, log_range: float) -> TaskFamily:
+    """Random scaling (Lv, Jiang and Li, 2017): a task of `family` with a scale c per coordinate,
+    c_i = exp(u_i), u_i ~ U(-r, r), r = `log_range`. Its loss is f(c ⊙ θ) and it starts at θ₀ / c:
+    the same trajectory of c ⊙ θ seen through gradients c ⊙ ∇f(c ⊙ θ), so an optimizer meta-trained
+    on it meets gradients of many scales."""
+    def sample(key):
+        task_key, scale_key = jax.random.split(key)
+        theta, task = family.sample(task_key)
+        leaves, treedef = jax.tree.flatten(theta)
+        keys = jax.random.split(scale_key, len(leaves))
+        scales = treedef.unflatten([
+            jnp.exp(jax.random.uniform(k, jnp.shape(x), minval=-log_range, maxval=log_range))
+            for k, x in zip(keys, leaves)])
+        return jax.tree.map(jnp.divide, theta, scales), (task, scales)
+
+    def loss(theta, task, key, data):
+        task, scales = task
+        return family.loss(jax.tree.map(jnp.multiply, theta, scales), task, key, data)
+
+    return TaskFamily(f"{family.name}_randomly_scaled", sample, loss, family.data)
 
 
 DATA_SPLITS = ("train_test", "test_halves")

@@ -84,6 +84,9 @@ class Config:
         meta_lr_schedule: Meta learning rate: constant, or cosine decay to 0 over num_steps.
         meta_clip_norm: Global-norm clip of the meta-gradient.
         second_order: Keep second derivatives of f in the meta-gradient.
+        random_scaling: Meta-train on tasks whose parameters are rescaled per coordinate by
+            exp(U(-r, r)), r this value (Lv et al., 2017: `tasks.randomly_scaled`); 0 = off.
+            Validation and test tasks are never rescaled.
         task_batching: How truncated BPTT computes the meta-batch's gradient (same numbers): vmap
             over the tasks, map (one task after the other, `common.task_gradients`), or auto (map
             on CPU, vmap elsewhere).
@@ -122,6 +125,7 @@ class Config:
     meta_lr_schedule: str = choice("constant", META_LR_SCHEDULES)
     meta_clip_norm: float = 1.0
     second_order: bool = False
+    random_scaling: float = 0.0
     task_batching: str = choice("auto", TASK_BATCHING)
     estimator: str = choice("tbptt", ESTIMATORS)
     pes_sigma: float = 0.01
@@ -148,6 +152,8 @@ class Config:
                              f"{self.meta_batch_size}.")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}.")
+        if self.random_scaling < 0:
+            raise ValueError(f"random_scaling must be >= 0 (0: off), got {self.random_scaling}.")
         if not self.pes_sigma > 0:
             raise ValueError(f"pes_sigma must be > 0, got {self.pes_sigma}.")
         config_lib.check_positive(self, (
@@ -176,6 +182,13 @@ def make_family(config: Config, split: str, name: str | None = None) -> tasks.Ta
     """The config's task family (or family `name`) on dataset split `split`."""
     return tasks.make_family(name or config.task, config.dataset, split, config.data_dir,
                              config.batch_size, config.data_split, config.pool)
+
+
+def meta_training_family(config: Config, family: tasks.TaskFamily) -> tasks.TaskFamily:
+    """The family the meta-batches are drawn from: `family`, randomly scaled if configured."""
+    if config.random_scaling > 0:
+        return tasks.randomly_scaled(family, config.random_scaling)
+    return family
 
 
 def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -212,10 +225,12 @@ def fresh_trajectories(config: Config, family: tasks.TaskFamily,
 
 
 def create_train_state(config: Config, family: tasks.TaskFamily, key: jax.Array) -> MetaTrainState:
-    """φ drawn with `key`, the meta-optimizer's state, and the first meta-batch of tasks."""
+    """φ drawn with `key`, the meta-optimizer's state, and the first meta-batch of tasks (from
+    `meta_training_family`)."""
     meta_params = lstm.init_meta_params(key, config.preprocessing, config.hidden_size,
                                         config.num_layers)
-    trajectories = fresh_trajectories(config, family, root_keys(config.seed)[1])
+    trajectories = fresh_trajectories(config, meta_training_family(config, family),
+                                      root_keys(config.seed)[1])
     sums = None
     if config.estimator == "pes":
         sums = jax.tree.map(lambda p: jnp.zeros((config.meta_batch_size // 2,) + p.shape, p.dtype),
@@ -304,8 +319,9 @@ def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajecto
 def make_train_step(config: Config, family: tasks.TaskFamily, mesh=None) -> Callable:
     """Returns the unjitted meta-step `train_step(state, data) -> (state, metrics)`: one unroll
     and φ update, the meta-gradient by truncated BPTT (`sharded_meta_gradient` over `mesh`, by
-    default all devices) or by PES (`config.estimator`); `data` is the family's shared arrays
-    (`family.data`)."""
+    default all devices) or by PES (`config.estimator`), on tasks of `meta_training_family`;
+    `data` is the family's shared arrays (`family.data`)."""
+    family = meta_training_family(config, family)
     num_unrolls = config.horizon // config.unroll_length
     init_key, train_key = root_keys(config.seed)
     perturbation_key = jax.random.fold_in(init_key, 1)  # PES: ε of meta-step s from fold_in(., s)

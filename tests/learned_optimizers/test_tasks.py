@@ -67,3 +67,19 @@ def test_learning_curve_of_sgd_on_a_quadratic_is_the_closed_form():
     expected = [(1 - 2 * lr) ** (2 * t) * np.sum((np.asarray(theta0) - np.asarray(y)) ** 2)
                 for t in range(7)]
     np.testing.assert_allclose(curve, expected, rtol=1e-5)
+
+
+def test_randomly_scaled_family_sees_the_gradient_through_its_scales():
+    """f_c(θ) = f(c ⊙ θ) from θ₀ / c: the same loss at the start, gradient c ⊙ ∇f(c ⊙ θ), scales
+    exp(U(-r, r)) drawn per coordinate."""
+    family = tasks.quadratic_family()
+    scaled = tasks.randomly_scaled(family, 2.0)
+    theta, (task, scales) = scaled.sample(jax.random.PRNGKey(0))
+    assert np.all(np.abs(np.log(scales)) <= 2.0) and np.std(np.log(scales)) > 0.3
+    key = jax.random.PRNGKey(1)
+    np.testing.assert_allclose(scaled.loss(theta, (task, scales), key, ()),
+                               family.loss(theta * scales, task, key, ()), rtol=1e-6)
+    w, y = task
+    residual = w @ (scales * theta) - y
+    np.testing.assert_allclose(jax.grad(scaled.loss)(theta, (task, scales), key, ()),
+                               scales * (2 * w.T @ residual), rtol=1e-4)
