@@ -170,8 +170,11 @@ def quality(config_names, seeds, root: str, results_dir: str, again: bool,
 
 
 def time_calls(fn, args, steps: int) -> float:
-    """Seconds per call of `fn(*args)` (returns (carry, out)), after a compile call."""
+    """Seconds per call of `fn(*args)` (returns (carry, out)), the carry fed back, after two
+    untimed calls: the first compiles for `args`, the second for the carry, whose shardings (a
+    jitted step's outputs) can differ from the first arguments'."""
     carry, out = fn(*args)
+    carry, out = fn(carry, *args[1:])
     jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(steps):

@@ -58,6 +58,9 @@ from learned_optimizers import evaluate, lstm, tasks
 ESTIMATORS = ("tbptt", "pes")
 META_LR_SCHEDULES = ("constant", "cosine")
 TASK_BATCHING = ("auto", "vmap", "map")
+# Below this many parameters per task "auto" keeps vmap on CPU too: the crossover measured in
+# benchmarks/README.md lies between the digits MLP (1,210) and the 14x14 MNIST MLP (4,150).
+MAP_MIN_COORDINATES = 2048
 META_PARAMS_FILE = "meta_params.npz"
 
 
@@ -89,7 +92,7 @@ class Config:
             Validation and test tasks are never rescaled.
         task_batching: How truncated BPTT computes the meta-batch's gradient (same numbers): vmap
             over the tasks, map (one task after the other, `common.task_gradients`), or auto (map
-            on CPU, vmap elsewhere).
+            on CPU for tasks of at least MAP_MIN_COORDINATES parameters, vmap otherwise).
         estimator: Meta-gradient estimator: tbptt (truncated backpropagation, the paper) or pes
             (Persistent Evolution Strategies, unbiased under truncation).
         pes_sigma: PES: standard deviation of the perturbations of the meta-parameters.
@@ -262,12 +265,24 @@ def truncated_meta_loss(config: Config, family: tasks.TaskFamily, meta_params,
     return jnp.mean(losses), trajectories
 
 
+def resolve_task_batching(config: Config, trajectories: tasks.Trajectory) -> str:
+    """`config.task_batching`, with 'auto' -> 'map' on CPU for tasks of at least
+    `MAP_MIN_COORDINATES` parameters (one task's unroll then keeps the cores busy on its own), else
+    'vmap'."""
+    if config.task_batching != "auto":
+        return config.task_batching
+    coordinates = sum(x[0].size for x in jax.tree.leaves(trajectories.params))
+    if coordinates < MAP_MIN_COORDINATES:
+        return "vmap"
+    return task_gradients.resolve_task_batching("auto")
+
+
 def truncated_meta_gradient(config: Config, family: tasks.TaskFamily, meta_params,
                             trajectories: tasks.Trajectory, first_step, data):
     """(∇_φ truncated_meta_loss, its value, the trajectories after the unroll), computed per
     `config.task_batching`: "vmap" differentiates `truncated_meta_loss`, "map" sums the tasks'
     gradients one task at a time (`common.task_gradients`)."""
-    if task_gradients.resolve_task_batching(config.task_batching) == "map":
+    if resolve_task_batching(config, trajectories) == "map":
         grads, losses, trajectories = task_gradients.mean_gradient_one_task_at_a_time(
             lambda phi, traj: task_meta_loss(config, family, phi, traj, first_step, data),
             meta_params, trajectories)

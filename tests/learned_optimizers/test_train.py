@@ -127,6 +127,20 @@ def test_one_task_at_a_time_gives_the_vmapped_meta_gradient(second_order):
         chex.assert_trees_all_close(results["map"], results["vmap"], rtol=1e-5, atol=1e-8)
 
 
+def test_auto_task_batching_maps_tasks_of_many_parameters_on_cpu():
+    def batch_of(num_params):
+        return tasks.Trajectory(params={"w": jnp.zeros((2, num_params))}, opt_state=(), task=(),
+                                key=jnp.zeros((2, 2), jnp.uint32))
+    small, large = batch_of(train.MAP_MIN_COORDINATES - 1), batch_of(train.MAP_MIN_COORDINATES)
+    assert jax.devices()[0].platform == "cpu"
+    assert train.resolve_task_batching(TINY, small) == "vmap"
+    assert train.resolve_task_batching(TINY, large) == "map"
+    for explicit in ("vmap", "map"):
+        config = dataclasses.replace(TINY, task_batching=explicit)
+        assert train.resolve_task_batching(config, small) == explicit
+        assert train.resolve_task_batching(config, large) == explicit
+
+
 @pytest.mark.parametrize("second_order", [False, True])
 def test_one_step_unroll_meta_gradient_is_nonzero_and_equals_finite_differences(second_order):
     """K = 1: L(φ) = f(θ_s + u(∇f(θ_s); φ)), so ∇L ≠ 0 (the old objective f(θ_s) gave exactly 0)
