@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 
-if __name__ == "__main__":  # before JAX starts: the GAN and MAML launchers' CPU settings
+if __name__ == "__main__":  # before JAX starts: the CPU settings of cpu_settings.LAUNCHERS
     from common import cpu_settings
     cpu_settings.apply_before_jax()
 

@@ -250,7 +250,7 @@ def peak_rss_by_batch() -> dict:
 
 def environment(env) -> dict:
     """The two variables of the CPU settings and a label: 'cpu settings' when both are set."""
-    values = {k: env.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    values = cpu_settings.recorded(env)
     applied = (cpu_settings.XLA_FLAG in (values["XLA_FLAGS"] or "")
                and cpu_settings.GLIBC_TUNABLE in (values["GLIBC_TUNABLES"] or ""))
     return {**values, "label": "cpu settings" if applied else "plain"}

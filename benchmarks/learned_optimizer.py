@@ -35,6 +35,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from benchmarks.stats import mean_sd  # noqa: E402
 from common import config as config_lib  # noqa: E402
+from common import cpu_settings  # noqa: E402
 from common import metrics, workdirs  # noqa: E402
 from launch import flags as launch_flags  # noqa: E402
 from launch import learned_optimizer as launcher  # noqa: E402
@@ -260,10 +261,7 @@ def step_cost(config: train.Config, family: tasks.TaskFamily) -> dict[str, float
         return jnp.mean(jax.vmap(lambda t: tasks.scored_unroll(
             tx, family, t, 1, 0, data, one.second_order)[1])(trajectories))
 
-    cost = jax.jit(jax.grad(meta_loss)).lower(
-        state.meta_params, state.trajectories, family.data).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
+    return compiled_cost(jax.grad(meta_loss), state.meta_params, state.trajectories, family.data)
 
 
 def meta_step_speed(name: str, batchings, rounds: int) -> dict:
@@ -325,7 +323,7 @@ def meta_step_speed(name: str, batchings, rounds: int) -> dict:
     return {"config": name, "matmul_peak_flops_per_s": peak, "matmul_peaks": peaks,
             "copy_bytes_per_s": bandwidth, "copy_bandwidths": bandwidths,
             "machine": machine.machine_record(), "command": command(),
-            "environment": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
+            "environment": cpu_settings.recorded(os.environ),
             "rows": rows}
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import machine, xla_profile  # noqa: E402
-from common import parallel, task_gradients  # noqa: E402
+from common import cpu_settings, parallel, task_gradients  # noqa: E402
 from launch import flags as launch_flags  # noqa: E402
 from launch import maml as launch_maml  # noqa: E402
 from maml import core, tasks, train  # noqa: E402
@@ -335,7 +335,7 @@ def main():
                             "torch_omp_wait_policy": args.torch_omp_wait_policy,
                             "numpy": np.__version__},
                "flags": vars(args), "matmul_peak_flops_per_s": peak, "speed": {},
-               "environment": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}}
+               "environment": cpu_settings.recorded(os.environ)}
     if os.path.exists(args.out):  # rows not measured this time stay as they were
         with open(args.out) as f:
             kept = json.load(f)

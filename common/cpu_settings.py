@@ -29,6 +29,7 @@ from typing import Mapping
 XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 GLIBC_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "L2GL_CPU_SETTINGS"
+VARIABLES = ("XLA_FLAGS", "GLIBC_TUNABLES")  # the environment variables they set
 LAUNCHERS = ("gan", "maml", "learned_optimizer")  # the launchers that apply them
 
 
@@ -45,8 +46,13 @@ def with_settings(environ: Mapping[str, str]) -> dict[str, str]:
 
 def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
     """A copy of `environ` in which neither setting is applied (the opt-out set)."""
-    env = {k: v for k, v in environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    env = {k: v for k, v in environ.items() if k not in VARIABLES}
     return {**env, OPT_OUT: "0"}
+
+
+def recorded(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Both variables as `environ` has them (None when unset), for a benchmark's results."""
+    return {name: environ.get(name) for name in VARIABLES}
 
 
 def apply_before_jax() -> None:
