@@ -55,7 +55,7 @@ if __name__ == "__main__":  # before JAX starts: the CPU settings of cpu_setting
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks import gan_speed, machine  # noqa: E402
+from benchmarks import gan_speed, machine, roofline  # noqa: E402
 from common import data, metrics  # noqa: E402
 from common import cpu_settings  # noqa: E402
 
@@ -239,12 +239,10 @@ def gan_step_speed(tiny: bool, device_kind: str, platform: str) -> dict:
     gan_speed.time_ours(step, batches[:2])
     seconds = [gan_speed.time_ours(step, batches) for _ in range(repeats)]
     images_per_s = batch * steps / statistics.median(seconds)
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    flops = float(analysis["flops"])
+    flops = roofline.compiled_cost(compiled)["flops"]
     achieved = flops * images_per_s / batch
     n = 256 if tiny else (2048 if platform == "cpu" else 8192)
-    matmul = gan_speed.matmul_peak_flops(n)
+    matmul = roofline.matmul_peak_flops(n)
     peaks = datasheet_peaks(device_kind)
     return {"batch_size": batch, "steps": steps, "repeats": repeats,
             "images_per_s": images_per_s, "flops_per_step": flops, "achieved_flops": achieved,

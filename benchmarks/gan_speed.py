@@ -192,27 +192,10 @@ def fair_comparison(batch_size: int, steps: int, repeats: int, rounds: int) -> d
             "ms_per_step_tf": 1e3 * batch_size / tf_best}
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of an n x n x n matmul (jitted, XLA CPU)."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n ** 3 / best
-
-
 def step_flops(batch_size: int) -> float:
+    from benchmarks import roofline  # imports JAX, which the TensorFlow children never load
     _, compiled = our_step(batch_size)
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    return float(analysis["flops"])
+    return roofline.compiled_cost(compiled)["flops"]
 
 
 def op_profile(batch_size: int, steps: int = 3, top: int = 15) -> list[dict]:
@@ -292,8 +275,9 @@ def main(argv):
     result.update(fair_comparison(FLAGS.batch_size, FLAGS.steps, FLAGS.repeats, FLAGS.rounds))
     result["versions"]["tensorflow"] = tensorflow_version()
     result["load_after_compare"] = load()
+    from benchmarks import roofline
     flops = step_flops(FLAGS.batch_size)
-    peak = matmul_peak_flops()
+    peak = roofline.matmul_peak_flops()
     here = result["throughput"]["ours"][result["env"]["label"]]["images_per_s"]
     result.update({"flops_per_step": flops, "matmul_peak_flops": peak,
                    "achieved_flops": flops * here / FLAGS.batch_size,

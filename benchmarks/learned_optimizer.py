@@ -32,7 +32,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from benchmarks import machine  # noqa: E402
+from benchmarks import machine, roofline  # noqa: E402
 from benchmarks.stats import mean_sd  # noqa: E402
 from common import config as config_lib  # noqa: E402
 from common import cpu_settings  # noqa: E402
@@ -213,40 +213,11 @@ def speed(name: str, unroll_lengths, steps: int, estimators=train.ESTIMATORS) ->
     return {"config": name, "rows": rows}
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of the fastest of `reps` float32 n x n matrix products (2 n³ FLOPs each)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
-    product = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(product(a))
-    return 2 * n ** 3 / min(timed(product, a) for _ in range(reps))
-
-
-def copy_bandwidth(mib: int = 256, reps: int = 5) -> float:
-    """Bytes/s of the fastest of `reps` in-place passes x <- x + 1 over a float32 array of `mib`
-    MiB (read + write: 2 x its size; the buffer donated, so no page faults of a fresh one)."""
-    a = jnp.ones((mib * 2**18,), jnp.float32)
-    bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-    a = jax.block_until_ready(bump(a))
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a = jax.block_until_ready(bump(a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * a.nbytes / best
-
-
 def timed(fn, *args) -> float:
     """Seconds of one call of `fn(*args)` until its output is ready."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
-
-
-def compiled_cost(fn, *args) -> dict[str, float]:
-    """XLA's cost analysis of `jax.jit(fn)(*args)`: {flops, bytes}."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
 
 
 def step_cost(config: train.Config, family: tasks.TaskFamily) -> dict[str, float]:
@@ -261,7 +232,8 @@ def step_cost(config: train.Config, family: tasks.TaskFamily) -> dict[str, float
         return jnp.mean(jax.vmap(lambda t: tasks.scored_unroll(
             tx, family, t, 1, 0, data, one.second_order)[1])(trajectories))
 
-    return compiled_cost(jax.grad(meta_loss), state.meta_params, state.trajectories, family.data)
+    return roofline.compiled_cost(jax.jit(jax.grad(meta_loss)).lower(
+        state.meta_params, state.trajectories, family.data).compile())
 
 
 def meta_step_speed(name: str, batchings, rounds: int) -> dict:
@@ -283,13 +255,14 @@ def meta_step_speed(name: str, batchings, rounds: int) -> dict:
         memory[b] = step.lower(state, family.data).compile().memory_analysis()
         jax.block_until_ready(step(state, family.data))
         steps[b] = (step, state)
-    peaks, bandwidths, seconds = [matmul_peak()], [copy_bandwidth()], {b: [] for b in batchings}
+    peaks = [roofline.matmul_peak_flops()]
+    bandwidths, seconds = [roofline.copy_bandwidth()], {b: [] for b in batchings}
     for _ in range(rounds):
         for b in batchings:
             step, state = steps[b]
             seconds[b].append(timed(step, state, family.data))
-        peaks.append(matmul_peak())
-        bandwidths.append(copy_bandwidth())
+        peaks.append(roofline.matmul_peak_flops())
+        bandwidths.append(roofline.copy_bandwidth())
     peak, bandwidth = max(peaks), max(bandwidths)
     adam = optax.adam(1e-3)
     trajectories = jax.vmap(lambda key: tasks.start(adam, family, key))(

@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import machine, xla_profile  # noqa: E402
+from benchmarks import machine, roofline, xla_profile  # noqa: E402
 from common import cpu_settings, parallel, task_gradients  # noqa: E402
 from launch import flags as launch_flags  # noqa: E402
 from launch import maml as launch_maml  # noqa: E402
@@ -218,23 +218,9 @@ def protonet_speed(data, rounds: int, steps: int, peak: float) -> dict:
 
 def flops_and_memory(step, holder, batch) -> dict:
     compiled = step.lower(holder["state"], batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
-    return {"flops": float(cost.get("flops", float("nan"))),
+    return {"flops": roofline.compiled_cost(compiled)["flops"],
             "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1))}
-
-
-def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def stage_table(config: train.Config, batch_np) -> dict[str, float]:
@@ -329,7 +315,7 @@ def main():
     import torch  # noqa: F401  (fails early without the [bench] extra)
 
     data = np.random.default_rng(0).integers(0, 256, (200, 20, 28, 28), np.uint8)
-    peak = matmul_peak_flops()
+    peak = roofline.matmul_peak_flops(n=1024)
     results = {"machine": machine.machine_record(),
                "versions": {"jax": jax.__version__, "torch": torch.__version__,
                             "torch_omp_wait_policy": args.torch_omp_wait_policy,

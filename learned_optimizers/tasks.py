@@ -13,6 +13,8 @@ closed over so that compiled functions do not embed them as constants.
   mlp_relu (ReLU instead of sigmoid).
 * `randomly_scaled(family, r)` -- any family with its parameters rescaled per coordinate (Lv et
   al., 2017), a meta-training remedy.
+* `mixture(families)` -- a task of one of several families (an MLP on several datasets), drawn
+  uniformly: meta-training over a mixture of datasets, another remedy.
 
 `unroll(tx, family, ...)` trains a task for a number of steps with an optax transformation inside
 `lax.scan` and returns the loss f(θ_t) at every step, evaluated before the step's update: the one
@@ -146,6 +148,38 @@ def randomly_scaled(family: TaskFamily, log_range: float) -> TaskFamily:
         return family.loss(jax.tree.map(jnp.multiply, theta, scales), task, key, data)
 
     return TaskFamily(f"{family.name}_randomly_scaled", sample, loss, family.data)
+
+
+def mixture(families: Sequence[TaskFamily]) -> TaskFamily:
+    """Tasks of several families whose parameters have one structure (an MLP on datasets of one
+    image size): a task draws its family uniformly, and its loss is that family's loss on that
+    family's data (`data` holds every family's, in order). Each step computes every member's
+    loss, so a mixture of n costs n loss evaluations per step."""
+    shapes = [jax.tree.map(lambda x: x.shape, jax.eval_shape(family.sample, jax.random.PRNGKey(0))[0])
+              for family in families]
+    for family, shape in zip(families[1:], shapes[1:]):
+        if shape != shapes[0]:
+            raise ValueError(f"Cannot mix task families {families[0].name!r} and {family.name!r}: "
+                             "their parameters differ in shape (datasets of different image sizes "
+                             "or numbers of classes?).")
+
+    def sample(key):
+        choice_key, task_key = jax.random.split(key)
+        index = jax.random.randint(choice_key, (), 0, len(families))
+        draws = [family.sample(task_key) for family in families]
+        theta = jax.tree.map(lambda *xs: jnp.stack(xs)[index], *(theta for theta, _ in draws))
+        return theta, (index, tuple(task for _, task in draws))
+
+    def loss(theta, task, key, data):
+        # Every member's loss, the task's selected: a branch per task (lax.switch) becomes the
+        # same select under vmap, and does not compose with shard_map's varying axes.
+        index, tasks = task
+        return jax.lax.select_n(index, *(family.loss(theta, member_task, key, member_data)
+                                         for family, member_task, member_data
+                                         in zip(families, tasks, data)))
+
+    return TaskFamily("+".join(family.name for family in families), sample, loss,
+                      tuple(family.data for family in families))
 
 
 DATA_SPLITS = ("train_test", "test_halves")

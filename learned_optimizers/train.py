@@ -14,10 +14,12 @@ meta-batch inside `lax.scan`, from step s to s + K, and takes the gradient with 
     L_s(φ) = 1/K Σ_{t=s+1..s+K} f(θ_t)
 
 (`tasks.scored_unroll`: every update of the unroll is credited, and the last unroll of a horizon
-ends with f(θ_T)), the state at the unroll's start a constant (truncated BPTT); then it updates φ
+ends with f(θ_T); `meta_objective="log_loss"` averages log f(θ_t) instead, Wichrowska et al.
+2017), the state at the unroll's start a constant (truncated BPTT); then it updates φ
 with Adam after clipping the meta-gradient's global norm. After T / K unrolls the meta-batch is
-replaced by fresh tasks. By default ∇f(θ_t) enters the optimizer as a constant (no second
-derivatives of f, the paper's choice); `second_order=True` keeps them.
+replaced by fresh tasks; a curriculum (`horizon_curriculum`, Chen et al. 2020) meta-trains on
+shorter horizons first (`meta_batch_schedule`). By default ∇f(θ_t) enters the optimizer as a
+constant (no second derivatives of f, the paper's choice); `second_order=True` keeps them.
 
 `estimator="pes"` replaces truncated backpropagation by Persistent Evolution Strategies (Vicol,
 Metz, Sohl-Dickstein, 2021), which is unbiased under truncation: the meta-batch is P = B/2
@@ -46,6 +48,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from jax.sharding import PartitionSpec as P
@@ -56,6 +59,7 @@ from common.config import choice
 from learned_optimizers import evaluate, lstm, tasks
 
 ESTIMATORS = ("tbptt", "pes")
+META_OBJECTIVES = ("loss", "log_loss")
 META_LR_SCHEDULES = ("constant", "cosine")
 TASK_BATCHING = ("auto", "vmap", "map")
 # Below this many parameters per task "auto" keeps vmap on CPU too: the crossover measured in
@@ -80,16 +84,30 @@ class Config:
         output_scale: Update = output_scale * LSTM output.
         hidden_size: LSTM hidden units per layer.
         num_layers: LSTM layers.
-        horizon: Optimizer steps per task during meta-training (T).
+        horizon: Optimizer steps per task during meta-training (T), unless horizon_curriculum
+            is given; always the horizon of validation and of the baselines' tuning.
         unroll_length: Steps per truncated unroll (K); T % K == 0.
+        horizon_curriculum: Meta-training horizons of successive stages, short to long (Chen et
+            al., 2020: a curriculum over the number of unrolls), each a multiple of K; stage i
+            lasts curriculum_stage_steps meta-steps, the last stage runs to num_steps. Empty: T
+            throughout.
+        curriculum_stage_steps: Meta-steps per curriculum stage but the last; a multiple of every
+            stage's number of unrolls (its horizon / K).
         meta_batch_size: Tasks per meta-step (over all devices).
         meta_lr: Adam learning rate of the meta-optimizer.
         meta_lr_schedule: Meta learning rate: constant, or cosine decay to 0 over num_steps.
         meta_clip_norm: Global-norm clip of the meta-gradient.
         second_order: Keep second derivatives of f in the meta-gradient.
+        meta_objective: What an unroll's meta-loss averages over its steps: loss, f(θ_t) (the
+            paper), or log_loss, log f(θ_t) (Wichrowska et al., 2017), which weighs a relative
+            improvement the same early in a horizon and late, where f is many times smaller.
         random_scaling: Meta-train on tasks whose parameters are rescaled per coordinate by
             exp(U(-r, r)), r this value (Lv et al., 2017: `tasks.randomly_scaled`); 0 = off.
             Validation and test tasks are never rescaled.
+        mixture_datasets: Meta-train on a mixture of datasets: each task draws its dataset
+            uniformly from `dataset` and these (`tasks.mixture`), given as name or name:data_dir,
+            split like `dataset` (data_split); the images must have `dataset`'s size. Validation
+            and test tasks stay on `dataset`.
         task_batching: How truncated BPTT computes the meta-batch's gradient (same numbers): vmap
             over the tasks, map (one task after the other, `common.task_gradients`), or auto (map
             on CPU for tasks of at least MAP_MIN_COORDINATES parameters, vmap otherwise).
@@ -123,12 +141,16 @@ class Config:
     num_layers: int = 2
     horizon: int = 100
     unroll_length: int = 20
+    horizon_curriculum: tuple[int, ...] = ()
+    curriculum_stage_steps: int = 0
     meta_batch_size: int = 32
     meta_lr: float = 1e-3
     meta_lr_schedule: str = choice("constant", META_LR_SCHEDULES)
     meta_clip_norm: float = 1.0
     second_order: bool = False
+    meta_objective: str = choice("loss", META_OBJECTIVES)
     random_scaling: float = 0.0
+    mixture_datasets: tuple[str, ...] = ()
     task_batching: str = choice("auto", TASK_BATCHING)
     estimator: str = choice("tbptt", ESTIMATORS)
     pes_sigma: float = 0.01
@@ -150,6 +172,16 @@ class Config:
         if self.horizon % self.unroll_length:
             raise ValueError(f"horizon {self.horizon} is not a multiple of unroll_length "
                              f"{self.unroll_length}.")
+        for horizon in self.horizon_curriculum:
+            if horizon <= 0 or horizon % self.unroll_length:
+                raise ValueError(f"horizon_curriculum holds {horizon}: every stage's horizon must "
+                                 f"be a positive multiple of unroll_length {self.unroll_length}.")
+            if self.curriculum_stage_steps <= 0 or self.curriculum_stage_steps % (
+                    horizon // self.unroll_length):
+                raise ValueError(
+                    f"curriculum_stage_steps must be a positive multiple of every stage's number "
+                    f"of unrolls (horizon / unroll_length), got {self.curriculum_stage_steps} for "
+                    f"horizons {self.horizon_curriculum} in unrolls of {self.unroll_length}.")
         if self.estimator == "pes" and self.meta_batch_size % 2:
             raise ValueError(f"PES needs an even meta_batch_size (antithetic pairs), got "
                              f"{self.meta_batch_size}.")
@@ -188,7 +220,15 @@ def make_family(config: Config, split: str, name: str | None = None) -> tasks.Ta
 
 
 def meta_training_family(config: Config, family: tasks.TaskFamily) -> tasks.TaskFamily:
-    """The family the meta-batches are drawn from: `family`, randomly scaled if configured."""
+    """The family the meta-batches are drawn from: `family` (the config's, on the train split),
+    mixed with the same family on `mixture_datasets` and randomly scaled, as configured."""
+    if config.mixture_datasets:
+        others = []
+        for spec in config.mixture_datasets:
+            dataset, _, data_dir = spec.partition(":")
+            others.append(tasks.make_family(config.task, dataset, "train", data_dir or None,
+                                            config.batch_size, config.data_split, config.pool))
+        family = tasks.mixture([family, *others])
     if config.random_scaling > 0:
         return tasks.randomly_scaled(family, config.random_scaling)
     return family
@@ -198,6 +238,29 @@ def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init, train) keys; the meta-batch of horizon n is drawn with fold_in(train, n)."""
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     return init_key, train_key
+
+
+def meta_batch_schedule(config: Config, step):
+    """(index of the meta-batch of tasks that meta-step `step` trains, the unroll's position in
+    that meta-batch's horizon, the horizon).
+
+    Without a curriculum the meta-batch is replaced every T / K meta-steps. With one, stage i
+    (`horizon_curriculum[i]`, n_i = T_i / K unrolls) starts at meta-step i · S, S =
+    `curriculum_stage_steps` (the last stage runs on), and numbers its meta-batches on from the
+    S / n_j of every earlier stage j."""
+    horizons = config.horizon_curriculum or (config.horizon,)
+    unrolls = [horizon // config.unroll_length for horizon in horizons]
+    stage_start, batch_offset = 0, 0
+    if len(horizons) > 1:
+        stage = jnp.minimum(step // config.curriculum_stage_steps, len(horizons) - 1)
+        stage_start = stage * config.curriculum_stage_steps
+        batch_offset = jnp.asarray(np.cumsum(
+            [0] + [config.curriculum_stage_steps // n for n in unrolls[:-1]]))[stage]
+        unrolls, horizons = jnp.asarray(unrolls)[stage], jnp.asarray(horizons)[stage]
+    else:
+        unrolls, horizons = unrolls[0], horizons[0]
+    local = step - stage_start
+    return batch_offset + local // unrolls, local % unrolls, horizons
 
 
 def make_optimizer(config: Config, meta_params) -> optax.GradientTransformation:
@@ -228,12 +291,11 @@ def fresh_trajectories(config: Config, family: tasks.TaskFamily,
 
 
 def create_train_state(config: Config, family: tasks.TaskFamily, key: jax.Array) -> MetaTrainState:
-    """φ drawn with `key`, the meta-optimizer's state, and the first meta-batch of tasks (from
-    `meta_training_family`)."""
+    """φ drawn with `key`, the meta-optimizer's state, and the first meta-batch of tasks of
+    `family`, the meta-training family (`meta_training_family`)."""
     meta_params = lstm.init_meta_params(key, config.preprocessing, config.hidden_size,
                                         config.num_layers)
-    trajectories = fresh_trajectories(config, meta_training_family(config, family),
-                                      root_keys(config.seed)[1])
+    trajectories = fresh_trajectories(config, family, root_keys(config.seed)[1])
     sums = None
     if config.estimator == "pes":
         sums = jax.tree.map(lambda p: jnp.zeros((config.meta_batch_size // 2,) + p.shape, p.dtype),
@@ -248,10 +310,13 @@ def create_train_state(config: Config, family: tasks.TaskFamily, key: jax.Array)
 def task_meta_loss(config: Config, family: tasks.TaskFamily, meta_params,
                    trajectory: tasks.Trajectory, first_step, data):
     """(L_s(φ) = 1/K Σ_{t=s+1..s+K} f(θ_t) of one task, its trajectory after the unroll),
-    s = `first_step`, K the unroll length, θ_s the `trajectory`'s parameters."""
+    s = `first_step`, K the unroll length, θ_s the `trajectory`'s parameters; log f(θ_t) in place
+    of f(θ_t) with meta_objective="log_loss"."""
     trajectory, losses = tasks.scored_unroll(make_optimizer(config, meta_params), family,
                                              trajectory, config.unroll_length, first_step, data,
                                              config.second_order)
+    if config.meta_objective == "log_loss":
+        losses = jnp.log(losses)
     return jnp.mean(losses), trajectory
 
 
@@ -334,19 +399,16 @@ def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajecto
 def make_train_step(config: Config, family: tasks.TaskFamily, mesh=None) -> Callable:
     """Returns the unjitted meta-step `train_step(state, data) -> (state, metrics)`: one unroll
     and φ update, the meta-gradient by truncated BPTT (`sharded_meta_gradient` over `mesh`, by
-    default all devices) or by PES (`config.estimator`), on tasks of `meta_training_family`;
-    `data` is the family's shared arrays (`family.data`)."""
-    family = meta_training_family(config, family)
-    num_unrolls = config.horizon // config.unroll_length
+    default all devices) or by PES (`config.estimator`), on tasks of `family`, the meta-training
+    family (`meta_training_family`); `data` is its shared arrays (`family.data`)."""
     init_key, train_key = root_keys(config.seed)
     perturbation_key = jax.random.fold_in(init_key, 1)  # PES: ε of meta-step s from fold_in(., s)
     meta_tx = meta_optimizer(config)
     meta_gradient = sharded_meta_gradient(config, family, mesh or parallel.make_mesh())
 
     def train_step(state: MetaTrainState, data):
-        position = state.step % num_unrolls
-        fresh = fresh_trajectories(config, family,
-                                   jax.random.fold_in(train_key, state.step // num_unrolls))
+        batch, position, horizon = meta_batch_schedule(config, state.step)
+        fresh = fresh_trajectories(config, family, jax.random.fold_in(train_key, batch))
         trajectories = optax.tree.where(position == 0, fresh, state.trajectories)
         first_step = position * config.unroll_length
         sums = state.perturbation_sums
@@ -364,7 +426,10 @@ def make_train_step(config: Config, family: tasks.TaskFamily, mesh=None) -> Call
                               meta_opt_state=meta_opt_state,
                               trajectories=jax.lax.stop_gradient(trajectories),
                               perturbation_sums=sums)
-        return state, {"meta_loss": loss, "meta_grad_norm": optax.tree.norm(grads)}
+        step_metrics = {"meta_loss": loss, "meta_grad_norm": optax.tree.norm(grads)}
+        if config.horizon_curriculum:
+            step_metrics["horizon"] = horizon
+        return state, step_metrics
 
     return train_step
 
@@ -412,19 +477,23 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     mesh = parallel.make_mesh()
     per_device = parallel.check_global_batch(config.meta_batch_size, mesh, "meta_batch_size")
     family = make_family(config, "train")
+    training_family = meta_training_family(config, family)
     config_dict = config_lib.to_dict(config)
     with workdirs.claim(workdir, config_dict, overwrite, RESUMABLE_KEYS,
-                        num_steps=config.num_steps):
+                        defaults=config_lib.to_dict(Config()), num_steps=config.num_steps):
+        horizons = config.horizon_curriculum or (config.horizon,)
         logging.info("Meta-training the LSTM optimizer on %s: meta-batch %d = %d devices x %d "
-                     "tasks, %d processes; horizon %d in unrolls of %d, %d meta-steps.",
-                     family.name, config.meta_batch_size, mesh.devices.size, per_device,
-                     jax.process_count(), config.horizon, config.unroll_length, config.num_steps)
-        state = jax.jit(lambda key: create_train_state(config, family, key))(
+                     "tasks, %d processes; horizon %s in unrolls of %d, %d meta-steps.",
+                     training_family.name, config.meta_batch_size, mesh.devices.size, per_device,
+                     jax.process_count(), " -> ".join(map(str, horizons)), config.unroll_length,
+                     config.num_steps)
+        state = jax.jit(lambda key: create_train_state(config, training_family, key))(
             root_keys(config.seed)[0])
         state = parallel.place(state, state_shardings(mesh, state))
         with checkpoints.resume(workdir, config.checkpoint_every, config_dict, state,
                                 config.log_every) as (ckpts, state, start_step, writer):
-            state, done = _train_loop(config, mesh, family, state, start_step, ckpts, writer)
+            state, done = _train_loop(config, mesh, family, training_family, state, start_step,
+                                      ckpts, writer)
         parallel.log_fingerprint(done, (state.meta_params, state.best_meta_params))
         best = parallel.to_host(state.best_meta_params)
         if jax.process_index() == 0:
@@ -435,22 +504,24 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     return state
 
 
-def _train_loop(config: Config, mesh, family: tasks.TaskFamily, state: MetaTrainState,
-                start_step: int, ckpts: checkpoints.Checkpoints,
+def _train_loop(config: Config, mesh, family: tasks.TaskFamily, training_family: tasks.TaskFamily,
+                state: MetaTrainState, start_step: int, ckpts: checkpoints.Checkpoints,
                 writer: metrics.MetricWriter) -> tuple[MetaTrainState, int]:
-    """Meta-steps `start_step` to `num_steps` (or to the first checkpoint after `max_minutes`):
-    log, validate and keep the best φ, checkpoint. Returns the state and its step."""
+    """Meta-steps `start_step` to `num_steps` (or to the first checkpoint after `max_minutes`) on
+    `training_family`: log, validate on `family` and keep the best φ, checkpoint. Returns the
+    state and its step."""
     progress = metrics.Progress(config.num_steps, start_step,
                                 config.meta_batch_size * config.unroll_length, "task_steps")
     data = parallel.replicate(mesh, family.data)
-    train_step = jit_train_step(config, mesh, family, state)
+    training_data = parallel.replicate(mesh, training_family.data)
+    train_step = jit_train_step(config, mesh, training_family, state)
     validation_keys, _ = evaluate.eval_keys(config.eval_seed, config.num_validation_tasks, 1)
     validation_loss = make_validation_loss(config, family, validation_keys)
     pending = metrics.PendingMetrics(last_checkpoint=start_step or None)
     start_time = time.monotonic()
     done = start_step
     for step in range(start_step, config.num_steps):
-        state, step_metrics = train_step(state, data)
+        state, step_metrics = train_step(state, training_data)
         pending.add(step_metrics)
         done = step + 1
         is_log = metrics.due(done, config.log_every, config.num_steps)

@@ -1,14 +1,16 @@
 """`benchmarks/accelerator_check.py` at tiny size on the CPU, so that the script an accelerator
 session runs does not rot; and the machine record (`benchmarks/machine.py`) it and the speed
-benchmarks write."""
+benchmarks write, and the ceilings they divide by (`benchmarks/roofline.py`)."""
 
 import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from benchmarks import accelerator_check, machine
+from benchmarks import accelerator_check, machine, roofline
 from common import cpu_settings
 from tests.conftest import run_python
 
@@ -136,3 +138,14 @@ def test_tiny_accelerator_check_runs_every_part_on_the_cpu(tmp_path):
         value = result["figures"][key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
     assert 0 < result["gan_step"]["fraction_of_matmul"] < 10
+
+
+def test_roofline_counts_a_matmul_and_times_a_positive_peak():
+    """The ceilings every speed benchmark divides by: XLA's count of an n x n x n product is
+    2 n³ FLOPs, and the timed peak and bandwidth are positive and finite."""
+    n = 64
+    a = jnp.ones((n, n), jnp.float32)
+    cost = roofline.compiled_cost(jax.jit(jnp.matmul).lower(a, a).compile())
+    assert cost["flops"] == 2 * n ** 3 and cost["bytes"] >= 3 * n * n * 4
+    for figure in (roofline.matmul_peak_flops(n, repeats=1), roofline.copy_bandwidth(1, 1)):
+        assert 0 < figure < float("inf")

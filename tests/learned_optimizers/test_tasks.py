@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from learned_optimizers import lstm, tasks
 
@@ -83,3 +84,33 @@ def test_randomly_scaled_family_sees_the_gradient_through_its_scales():
     residual = w @ (scales * theta) - y
     np.testing.assert_allclose(jax.grad(scaled.loss)(theta, (task, scales), key, ()),
                                scales * (2 * w.T @ residual), rtol=1e-4)
+
+
+def test_mixture_task_is_a_task_of_its_drawn_family_on_that_familys_data():
+    """Each family drawn about equally often over 64 tasks; a task's loss and gradient are its
+    family's on its own images (the two datasets differ, so the wrong data would show)."""
+    rng = np.random.default_rng(0)
+    members = [tasks.mlp_family(rng.integers(0, 256, (30, 3, 3, 1), dtype=np.uint8),
+                                rng.integers(0, 3, 30).astype(np.int32), batch_size=8)
+               for _ in range(2)]
+    mixed = tasks.mixture(members)
+    key = jax.random.PRNGKey(5)
+    indices = []
+    for task_key in jax.random.split(jax.random.PRNGKey(0), 64):
+        params, (index, member_tasks) = mixed.sample(task_key)
+        indices.append(int(index))
+        member = members[int(index)]
+        for a, b in zip(jax.tree.leaves(params),
+                        jax.tree.leaves(member.sample(jax.random.split(task_key)[1])[0])):
+            np.testing.assert_array_equal(a, b)
+        task = (index, member_tasks)
+        np.testing.assert_allclose(mixed.loss(params, task, key, mixed.data),
+                                   member.loss(params, (), key, member.data), rtol=1e-6)
+        other = members[1 - int(index)]
+        assert abs(float(mixed.loss(params, task, key, mixed.data))
+                   - float(other.loss(params, (), key, other.data))) > 1e-4
+    assert 16 <= sum(indices) <= 48
+    with pytest.raises(ValueError, match="Cannot mix task families"):
+        tasks.mixture([members[0], tasks.mlp_family(rng.integers(0, 256, (30, 4, 4, 1), np.uint8),
+                                                    rng.integers(0, 3, 30).astype(np.int32),
+                                                    batch_size=8)])

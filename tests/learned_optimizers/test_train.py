@@ -3,6 +3,7 @@ resume, and a short meta-training that must help (4 devices and 2 processes:
 tests/test_scale_out.py)."""
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -51,9 +52,9 @@ def test_truncated_meta_gradient_equals_finite_differences_in_float64():
         assert abs(first_order - numeric) > 1e-4 * abs(numeric)
 
 
-def small_mlp_family():
+def small_mlp_family(seed=0):
     """An MLP family on 40 random 3x3 images: the minibatch of each step matters."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (40, 3, 3, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 40).astype(np.int32)
     return tasks.mlp_family(images, labels, "mlp", batch_size=8)
@@ -71,7 +72,7 @@ def test_meta_objective_is_the_losses_after_every_update_of_the_unroll():
     got, end = train.truncated_meta_loss(config, family, phi, mid, 3, family.data)
 
     tx = train.make_optimizer(config, phi)
-    per_task = []
+    per_task, per_task_losses = [], []
     for i in range(config.meta_batch_size):
         traj = jax.tree.map(lambda x: x[i], mid)
         params, opt_state, losses = traj.params, traj.opt_state, []
@@ -83,10 +84,14 @@ def test_meta_objective_is_the_losses_after_every_update_of_the_unroll():
             losses.append(family.loss(params, traj.task, jax.random.fold_in(traj.key, t + 1),
                                       family.data))
         per_task.append(np.mean(losses))
+        per_task_losses.append(losses)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.tree.map(lambda x: x[i],
                                                                               end.params))):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(got), np.mean(per_task), rtol=1e-5)
+    log_config = dataclasses.replace(config, meta_objective="log_loss")
+    got_log, _ = train.truncated_meta_loss(log_config, family, phi, mid, 3, family.data)
+    np.testing.assert_allclose(float(got_log), np.mean(np.log(per_task_losses)), rtol=1e-5)
 
 
 def test_unrolls_of_a_horizon_sum_to_the_papers_objective():
@@ -109,15 +114,17 @@ def test_unrolls_of_a_horizon_sum_to_the_papers_objective():
     assert abs(np.mean(objectives) - np.mean(curves[:, :-1])) > 1e-3
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_one_task_at_a_time_gives_the_vmapped_meta_gradient(second_order):
+@pytest.mark.parametrize("second_order,mixed", [(False, False), (True, False), (False, True)])
+def test_one_task_at_a_time_gives_the_vmapped_meta_gradient(second_order, mixed):
     """task_batching="map" (the CPU default) against "vmap", which differentiates
     `truncated_meta_loss` itself: the same gradient, loss and trajectories (φ in float64, the
-    MLP's parameters in float32)."""
+    MLP's parameters in float32), also on a mixture of two datasets (a branch per task)."""
     with jax.enable_x64(True):
         config = dataclasses.replace(TINY, preprocessing="log_sign", output_scale=0.1,
                                      meta_batch_size=3, second_order=second_order)
         family = small_mlp_family()
+        if mixed:
+            family = tasks.mixture([family, small_mlp_family(seed=1)])
         phi = lstm.init_meta_params(jax.random.PRNGKey(0), "log_sign", 4, output_init_scale=1.0)
         start = train.fresh_trajectories(config, family, jax.random.PRNGKey(1))
         results = {batching: jax.jit(lambda phi, traj, b=batching: train.truncated_meta_gradient(
@@ -278,6 +285,10 @@ def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_pa
     assert int(train.train_and_evaluate(timed, str(workdir)).step) == 2
     assert "Stopping after meta-step 2 of 4: --max_minutes=1e-09" in caplog.text
     assert not (workdir / evaluate.EVAL_FILE).exists(), "evaluated an unfinished run"
+    # a run started before a flag existed resumes: its stored config lacks the key (= default)
+    stored = workdirs.read_json(str(workdir / workdirs.CONFIG_FILE))
+    del stored["meta_objective"]
+    (workdir / workdirs.CONFIG_FILE).write_text(json.dumps(stored))
     resumed = train.train_and_evaluate(timed, str(workdir))
     assert int(resumed.step) == 4 and (workdir / evaluate.EVAL_FILE).exists()
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
@@ -288,3 +299,33 @@ def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_pa
         np.testing.assert_allclose(curve[6], family["stats"][name]["6"]["mean"], rtol=1e-6)
     with pytest.raises(ValueError, match="max_minutes must be >= 0"):
         dataclasses.replace(config, max_minutes=-1.0).validate()
+
+
+CURRICULUM = dataclasses.replace(TINY, unroll_length=2, horizon=4, horizon_curriculum=(2, 6, 4),
+                                 curriculum_stage_steps=3, second_order=False)
+
+
+def test_curriculum_stages_number_meta_batches_on_and_start_each_stage_with_fresh_tasks():
+    """Horizons 2, 6, 4 in unrolls of 2, 3 meta-steps per stage: three one-unroll meta-batches,
+    one meta-batch of three unrolls, then meta-batches of two; the train step draws each
+    meta-batch's tasks from its number."""
+    expected = [(0, 0, 2), (1, 0, 2), (2, 0, 2), (3, 0, 6), (3, 1, 6), (3, 2, 6),
+                (4, 0, 4), (4, 1, 4), (5, 0, 4), (5, 1, 4), (6, 0, 4)]
+    schedule = jax.jit(lambda step: train.meta_batch_schedule(CURRICULUM, step))
+    assert [tuple(map(int, schedule(step))) for step in range(len(expected))] == expected
+    plain = [tuple(map(int, train.meta_batch_schedule(TINY, step))) for step in range(5)]
+    assert plain == [(0, 0, 6), (0, 1, 6), (1, 0, 6), (1, 1, 6), (2, 0, 6)]  # T / K = 2
+
+    family = tasks.quadratic_family()
+    state = train.create_train_state(CURRICULUM, family, jax.random.PRNGKey(0))
+    step = jax.jit(train.make_train_step(CURRICULUM, family))
+    train_key = train.root_keys(CURRICULUM.seed)[1]
+    for batch, _, horizon in expected[:8]:
+        state, out = step(state, ())
+        fresh = train.fresh_trajectories(CURRICULUM, family, jax.random.fold_in(train_key, batch))
+        np.testing.assert_array_equal(state.trajectories.key, fresh.key)
+        assert int(out["horizon"]) == horizon
+    with pytest.raises(ValueError, match="multiple of every stage's number of unrolls"):
+        dataclasses.replace(CURRICULUM, curriculum_stage_steps=4).validate()
+    with pytest.raises(ValueError, match="multiple of unroll_length 2"):
+        dataclasses.replace(CURRICULUM, horizon_curriculum=(2, 5)).validate()
