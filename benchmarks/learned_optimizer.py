@@ -36,7 +36,7 @@ from benchmarks import machine, roofline  # noqa: E402
 from benchmarks.stats import mean_sd  # noqa: E402
 from common import config as config_lib  # noqa: E402
 from common import cpu_settings  # noqa: E402
-from common import metrics, workdirs  # noqa: E402
+from common import images, metrics, workdirs  # noqa: E402
 from launch import flags as launch_flags  # noqa: E402
 from launch import learned_optimizer as launcher  # noqa: E402
 from learned_optimizers import evaluate, lstm, tasks, train  # noqa: E402
@@ -44,6 +44,10 @@ from learned_optimizers import evaluate, lstm, tasks, train  # noqa: E402
 flags.DEFINE_list("configs", ["lstm_quadratic", "lstm_quadratic_second_order", "lstm_mlp_digits"],
                   "Config files to run.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Meta-training seeds.")
+flags.DEFINE_multi_string("variant", [], "A remedy measured as rows of its own: NAME or "
+                          "'NAME:--flag=value --flag=value'. Its runs are <root>/<config>_NAME/"
+                          "seed<k>, launched with the config file's flags and then these; its rows "
+                          "are named <config>_NAME. Repeatable; none: the configs as committed.")
 flags.DEFINE_string("root", "/tmp/learned_optimizer_benchmark", "Where the runs' workdirs go.")
 flags.DEFINE_list("unroll_lengths", ["5", "10", "20", "40"], "Unroll lengths of the speed table.")
 flags.DEFINE_string("speed_config", "lstm_mlp_digits", "Config whose meta-step is timed.")
@@ -69,8 +73,11 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "configs")
 
 
-# The meta-objective the rows were trained on: `tasks.scored_unroll`'s losses after every update.
-OBJECTIVE = "f(theta_{s+1})..f(theta_{s+K}) per unroll from step s (every update credited)"
+# The meta-objective the rows were trained on (by `meta_objective`): `tasks.scored_unroll`'s
+# losses after every update, or their logarithms.
+OBJECTIVES = {
+    "loss": "f(theta_{s+1})..f(theta_{s+K}) per unroll from step s (every update credited)",
+    "log_loss": "log f(theta_{s+1})..log f(theta_{s+K}) per unroll from step s"}
 
 
 def command() -> str:
@@ -78,11 +85,32 @@ def command() -> str:
     return " ".join(["python -m benchmarks.learned_optimizer", *sys.argv[1:]])
 
 
-def config_from_file(name: str, **overrides) -> train.Config:
-    """The Config a `--flagfile=launch/configs/<name>.flags` launch would build (this re-parses,
-    so resets, every flag: read the benchmark's own flags before calling it)."""
-    launch_flags.parse_flagfile(os.path.join(CONFIG_DIR, name + ".flags"))
+def config_from_file(name: str, extra_flags=(), **overrides) -> train.Config:
+    """The Config a `--flagfile=launch/configs/<name>.flags <extra_flags>` launch would build (this
+    re-parses, so resets, every flag: read the benchmark's own flags before calling it)."""
+    launch_flags.parse_flagfile(os.path.join(CONFIG_DIR, name + ".flags"), extra_flags)
     return dataclasses.replace(launcher.make_config(), **overrides)
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """'NAME:--a=1 --b=2' -> ('NAME', ['--a=1', '--b=2']); 'NAME' -> ('NAME', [])."""
+    name, _, extra = spec.partition(":")
+    return name, extra.split()
+
+
+def validation_curve(workdir: str) -> list[list[float]]:
+    """[[meta-step, validation f(θ_T)], ...] of a run's metrics (the rows that validated)."""
+    return [[row["step"], row["validation_loss"]] for row in metrics.read_metrics(workdir)
+            if row.get("validation_loss") is not None]
+
+
+def plot_validation(path: str, name: str, curves: dict[str, list[list[float]]]) -> str:
+    """Validation f(θ_T) against meta-steps of each run (label -> curve): the same validation
+    tasks for every seed and variant, so the curves compare."""
+    return images.save_curves(
+        path, {label: tuple(zip(*curve)) for label, curve in curves.items() if curve},
+        xlabel="meta-step", ylabel="validation loss f(θ_T), mean over tasks",
+        title=f"{name}: meta-training runs")
 
 
 def devices() -> str:
@@ -130,43 +158,65 @@ def reevaluate(workdir: str) -> None:
     train.evaluate_run(config, meta_params, workdir)
 
 
-def quality(config_names, seeds, root: str, results_dir: str, again: bool,
-            trained_on: str) -> dict:
+def quality(config_names, seeds, root: str, results_dir: str, again: bool, trained_on: str,
+            variants=()) -> dict:
+    """Rows per config (and `variants`, `parse_variant`), family and horizon: each seed's run
+    meta-trained in its workdir (resumed) unless it has its eval.json, then the mean ± sd over
+    seeds; pictures of the test curves and, with variants, of the validation curves."""
     out = {}
     for name in config_names:
-        runs, meta_steps = [], []
-        for seed in seeds:
-            config = config_from_file(name, seed=seed)
-            workdir = os.path.join(root, name, f"seed{seed}")
-            path = os.path.join(workdir, evaluate.EVAL_FILE)
-            start = time.perf_counter()
-            if not os.path.exists(path):
-                train.train_and_evaluate(config, workdir)
-            elif again:
-                reevaluate(workdir)
-            with open(path) as f:
-                runs.append(json.load(f))
-            meta_steps.append(max(r["step"] for r in metrics.read_metrics(workdir)))
-            print(f"{name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-        for family in runs[0]["families"]:
-            per_seed = [r["families"][family] for r in runs]
-            picture = None
-            if all("mean_curves" in r for r in per_seed):
-                picture = os.path.basename(plot_curves(
-                    os.path.join(results_dir, f"learned_optimizer_{name}_{family}_curves.png"),
-                    name, family, per_seed, seeds))
-            for h in per_seed[0]["comparison"]:
-                row = {
-                    "config": name, "family": family, "horizon": int(h), "seeds": list(seeds),
-                    "mean_final_loss": {opt: mean_sd([r["stats"][opt][h]["mean"] for r in per_seed])
-                                        for opt in per_seed[0]["stats"]},
-                    "ratio_lstm_to_adam": mean_sd([r["comparison"][h]["ratio_lstm_to_adam"]
-                                                   for r in per_seed]),
-                    "lstm_rank": mean_sd([r["comparison"][h]["rank"]["lstm"] for r in per_seed]),
-                    "learning_rates": per_seed[0]["learning_rates"], "meta_steps": meta_steps,
-                    "curves_png": picture, "trained_on": trained_on,
-                    "evaluated_on": devices(), "objective": OBJECTIVE, "command": command()}
-                out[row_key(row)] = row
+        validation = {}
+        for variant, extra_flags in [parse_variant(v) for v in variants] or [("", [])]:
+            run_name = f"{name}_{variant}" if variant else name
+            runs, meta_steps = [], []
+            for seed in seeds:
+                config = config_from_file(name, extra_flags, seed=seed)
+                workdir = os.path.join(root, run_name, f"seed{seed}")
+                path = os.path.join(workdir, evaluate.EVAL_FILE)
+                start = time.perf_counter()
+                if not os.path.exists(path):
+                    train.train_and_evaluate(config, workdir)
+                elif again:
+                    reevaluate(workdir)
+                with open(path) as f:
+                    runs.append(json.load(f))
+                meta_steps.append(max(r["step"] for r in metrics.read_metrics(workdir)))
+                validation[f"{run_name} seed {seed}"] = validation_curve(workdir)
+                print(f"{run_name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+            out.update(quality_rows(run_name, seeds, runs, meta_steps, results_dir, trained_on,
+                                    OBJECTIVES[config.meta_objective], extra_flags))
+        if variants:
+            plot_validation(os.path.join(results_dir, f"learned_optimizer_{name}_validation.png"),
+                            name, validation)
+    return out
+
+
+def quality_rows(name: str, seeds, runs: list[dict], meta_steps: list[int], results_dir: str,
+                 trained_on: str, objective: str, extra_flags=()) -> dict:
+    """The rows of one config's (or variant's) runs, one per family and horizon."""
+    out = {}
+    for family in runs[0]["families"]:
+        per_seed = [r["families"][family] for r in runs]
+        picture = None
+        if all("mean_curves" in r for r in per_seed):
+            picture = os.path.basename(plot_curves(
+                os.path.join(results_dir, f"learned_optimizer_{name}_{family}_curves.png"),
+                name, family, per_seed, seeds))
+        for h in per_seed[0]["comparison"]:
+            row = {
+                "config": name, "family": family, "horizon": int(h), "seeds": list(seeds),
+                "mean_final_loss": {opt: mean_sd([r["stats"][opt][h]["mean"] for r in per_seed])
+                                    for opt in per_seed[0]["stats"]},
+                "ratio_lstm_to_adam": mean_sd([r["comparison"][h]["ratio_lstm_to_adam"]
+                                               for r in per_seed]),
+                "ratio_per_seed": [r["comparison"][h]["ratio_lstm_to_adam"] for r in per_seed],
+                "lstm_rank": mean_sd([r["comparison"][h]["rank"]["lstm"] for r in per_seed]),
+                "learning_rates": per_seed[0]["learning_rates"], "meta_steps": meta_steps,
+                "curves_png": picture, "trained_on": trained_on,
+                "evaluated_on": devices(), "objective": objective, "command": command()}
+            if extra_flags:
+                row["extra_flags"] = list(extra_flags)
+            out[row_key(row)] = row
     return out
 
 
@@ -321,16 +371,18 @@ def main(argv):
     speed_steps, note = FLAGS.speed_steps, FLAGS.note
     meta_step_config, rounds = FLAGS.meta_step_config, FLAGS.meta_step_rounds
     batchings = list(FLAGS.task_batchings)
+    variants = list(FLAGS.variant)
     results = quality(configs, seeds, root, os.path.dirname(output), FLAGS.reevaluate,
-                      FLAGS.trained_on or devices())
+                      FLAGS.trained_on or devices(), variants)
     speed_results = speed(speed_config, unrolls, speed_steps) if unrolls else {}
     meta_step = meta_step_speed(meta_step_config, batchings, rounds) if meta_step_config else {}
     previous = {}
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:
             previous = json.load(f)
+    replaced = {row["config"] for row in results.values()}
     results = {**{row_key(row): row for row in previous.get("quality", {}).values()
-                  if row["config"] not in configs}, **results}
+                  if row["config"] not in replaced}, **results}
     report = {"machine": {**machine.machine_record(), "devices": str(jax.devices())},
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
                            "optax": optax.__version__},

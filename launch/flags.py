@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import types
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from absl import flags, logging
@@ -35,11 +35,13 @@ flags.DEFINE_integer("distributed_timeout", 60,
 flags.mark_flag_as_required("workdir")
 
 
-def parse_flagfile(path: str) -> None:
-    """Parses the flags as `--flagfile=<path>` alone would set them (every other flag reset; the
-    required --workdir a placeholder): how benchmarks and tests read a committed config."""
+def parse_flagfile(path: str, extra_flags: Sequence[str] = ()) -> None:
+    """Parses the flags as `--flagfile=<path>` followed by `extra_flags` would set them (every
+    other flag reset; the required --workdir a placeholder): how benchmarks and tests read a
+    committed config."""
     FLAGS.unparse_flags()
-    FLAGS([sys.argv[0] if sys.argv else "launch", f"--flagfile={path}", "--workdir=unused"])
+    FLAGS([sys.argv[0] if sys.argv else "launch", f"--flagfile={path}", *extra_flags,
+           "--workdir=unused"])
 
 
 _SCALAR_FLAGS = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,

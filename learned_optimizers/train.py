@@ -48,7 +48,6 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from jax.sharding import PartitionSpec as P
@@ -248,19 +247,14 @@ def meta_batch_schedule(config: Config, step):
     (`horizon_curriculum[i]`, n_i = T_i / K unrolls) starts at meta-step i · S, S =
     `curriculum_stage_steps` (the last stage runs on), and numbers its meta-batches on from the
     S / n_j of every earlier stage j."""
-    horizons = config.horizon_curriculum or (config.horizon,)
-    unrolls = [horizon // config.unroll_length for horizon in horizons]
-    stage_start, batch_offset = 0, 0
-    if len(horizons) > 1:
-        stage = jnp.minimum(step // config.curriculum_stage_steps, len(horizons) - 1)
-        stage_start = stage * config.curriculum_stage_steps
-        batch_offset = jnp.asarray(np.cumsum(
-            [0] + [config.curriculum_stage_steps // n for n in unrolls[:-1]]))[stage]
-        unrolls, horizons = jnp.asarray(unrolls)[stage], jnp.asarray(horizons)[stage]
-    else:
-        unrolls, horizons = unrolls[0], horizons[0]
-    local = step - stage_start
-    return batch_offset + local // unrolls, local % unrolls, horizons
+    horizons = jnp.asarray(config.horizon_curriculum or (config.horizon,))
+    unrolls = horizons // config.unroll_length
+    stage_steps = max(config.curriculum_stage_steps, 1)
+    stage = jnp.minimum(step // stage_steps, len(horizons) - 1)
+    batches_per_stage = stage_steps // unrolls
+    first_batch = jnp.cumsum(batches_per_stage) - batches_per_stage
+    local = step - stage * stage_steps
+    return first_batch[stage] + local // unrolls[stage], local % unrolls[stage], horizons[stage]
 
 
 def make_optimizer(config: Config, meta_params) -> optax.GradientTransformation:
