@@ -58,6 +58,10 @@ flags.DEFINE_string("meta_step_config", "",
 flags.DEFINE_list("task_batchings", ["vmap", "map"], "Task batchings of that table (the first is "
                   "the reference of speedup_over_first).")
 flags.DEFINE_integer("meta_step_rounds", 3, "Alternating timing rounds of that table.")
+flags.DEFINE_string("gradient_by_unroll", "",
+                    "A finished run's workdir: the meta-gradient's norm at each unroll position of "
+                    "a horizon, for each meta-objective, at its saved meta-parameters ('' skips "
+                    "it).")
 flags.DEFINE_bool("reevaluate", False,
                   "Recompute each finished run's eval.json from its meta_params.npz with the "
                   "current evaluation (e.g. a wider baseline grid) instead of reading it.")
@@ -350,6 +354,35 @@ def meta_step_speed(name: str, batchings, rounds: int) -> dict:
             "rows": rows}
 
 
+def gradient_by_unroll(workdir: str, batches: int = 3) -> dict:
+    """Mean over `batches` fresh meta-batches of the meta-gradient's global norm and of the
+    meta-loss at each unroll position of a horizon (1 .. T / K), per meta-objective, at a run's
+    saved meta-parameters and with its config: how much each part of the horizon weighs."""
+    config = config_lib.from_dict(train.Config,
+                                  workdirs.read_json(os.path.join(workdir, workdirs.CONFIG_FILE)))
+    family = train.make_family(config, "train")
+    meta_params, _ = lstm.load(os.path.join(workdir, train.META_PARAMS_FILE))
+    out = {"workdir": workdir, "meta_batches": batches, "command": command()}
+    for objective in train.META_OBJECTIVES:
+        objective_config = dataclasses.replace(config, meta_objective=objective)
+        gradient = jax.jit(lambda phi, traj, first, c=objective_config: (
+            train.truncated_meta_gradient(c, family, phi, traj, first, family.data)))
+        norms, losses = [], []
+        for batch in range(batches):
+            trajectories = train.fresh_trajectories(objective_config, family,
+                                                    jax.random.PRNGKey(100 + batch))
+            for position in range(config.horizon // config.unroll_length):
+                grads, loss, trajectories = gradient(meta_params, trajectories,
+                                                     position * config.unroll_length)
+                norms.append(float(optax.tree.norm(grads)))
+                losses.append(float(loss))
+        shape = (batches, config.horizon // config.unroll_length)
+        out[objective] = {"grad_norm": np.reshape(norms, shape).mean(0).tolist(),
+                          "meta_loss": np.reshape(losses, shape).mean(0).tolist()}
+        print(f"{objective}: {out[objective]}", flush=True)
+    return out
+
+
 def print_table(results: dict) -> None:
     print("\n| config | family | horizon | " + " | ".join(["lstm", "sgd", "nag", "rmsprop", "adam"])
           + " | LSTM/Adam | LSTM rank | seeds |")
@@ -369,6 +402,7 @@ def main(argv):
     configs, root, output = list(FLAGS.configs), FLAGS.root, FLAGS.output
     unrolls, speed_config = [int(k) for k in FLAGS.unroll_lengths], FLAGS.speed_config
     speed_steps, note = FLAGS.speed_steps, FLAGS.note
+    gradient_params = FLAGS.gradient_by_unroll
     meta_step_config, rounds = FLAGS.meta_step_config, FLAGS.meta_step_rounds
     batchings = list(FLAGS.task_batchings)
     variants = list(FLAGS.variant)
@@ -376,6 +410,9 @@ def main(argv):
                       FLAGS.trained_on or devices(), variants)
     speed_results = speed(speed_config, unrolls, speed_steps) if unrolls else {}
     meta_step = meta_step_speed(meta_step_config, batchings, rounds) if meta_step_config else {}
+    by_unroll = {}
+    if gradient_params:
+        by_unroll = gradient_by_unroll(gradient_params)
     previous = {}
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:
@@ -390,7 +427,8 @@ def main(argv):
                         "unroll_lengths": unrolls, "speed_config": speed_config},
               "notes": [*previous.get("notes", []), *([note] if note else [])],
               "quality": results, "speed": speed_results or previous.get("speed", {}),
-              "meta_step_speed": meta_step or previous.get("meta_step_speed", {})}
+              "meta_step_speed": meta_step or previous.get("meta_step_speed", {}),
+              "gradient_by_unroll": by_unroll or previous.get("gradient_by_unroll", {})}
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(report, f, indent=2)
