@@ -10,6 +10,11 @@ best-tuned Adam and its rank among the five. Speed: meta-steps/s and the compile
 temporary memory for several unroll lengths, with plain Adam task-steps/s on the same tasks
 timed in the same invocation as the baseline of the ratio. It runs under the CPU settings
 `launch/learned_optimizer.py` gives its users (`common/cpu_settings.py`).
+
+Remedies: `--variant=NAME:--flag=value` measures the configs with extra flags as rows of their own
+(<config>_NAME), with a picture of every run's validation loss against meta-steps;
+`--gradient_by_unroll=<workdir>` measures how much each unroll of a horizon weighs in the
+meta-gradient, per meta-objective.
 """
 
 from __future__ import annotations
