@@ -239,6 +239,11 @@ def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, train_key
 
 
+def training_horizons(config: Config) -> tuple[int, ...]:
+    """The meta-training horizon of each curriculum stage (one stage, T, without a curriculum)."""
+    return config.horizon_curriculum or (config.horizon,)
+
+
 def meta_batch_schedule(config: Config, step):
     """(index of the meta-batch of tasks that meta-step `step` trains, the unroll's position in
     that meta-batch's horizon, the horizon).
@@ -247,7 +252,7 @@ def meta_batch_schedule(config: Config, step):
     (`horizon_curriculum[i]`, n_i = T_i / K unrolls) starts at meta-step i · S, S =
     `curriculum_stage_steps` (the last stage runs on), and numbers its meta-batches on from the
     S / n_j of every earlier stage j."""
-    horizons = jnp.asarray(config.horizon_curriculum or (config.horizon,))
+    horizons = jnp.asarray(training_horizons(config))
     unrolls = horizons // config.unroll_length
     stage_steps = max(config.curriculum_stage_steps, 1)
     stage = jnp.minimum(step // stage_steps, len(horizons) - 1)
@@ -475,12 +480,11 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     config_dict = config_lib.to_dict(config)
     with workdirs.claim(workdir, config_dict, overwrite, RESUMABLE_KEYS,
                         defaults=config_lib.to_dict(Config()), num_steps=config.num_steps):
-        horizons = config.horizon_curriculum or (config.horizon,)
         logging.info("Meta-training the LSTM optimizer on %s: meta-batch %d = %d devices x %d "
                      "tasks, %d processes; horizon %s in unrolls of %d, %d meta-steps.",
                      training_family.name, config.meta_batch_size, mesh.devices.size, per_device,
-                     jax.process_count(), " -> ".join(map(str, horizons)), config.unroll_length,
-                     config.num_steps)
+                     jax.process_count(), " -> ".join(map(str, training_horizons(config))),
+                     config.unroll_length, config.num_steps)
         state = jax.jit(lambda key: create_train_state(config, training_family, key))(
             root_keys(config.seed)[0])
         state = parallel.place(state, state_shardings(mesh, state))
@@ -507,7 +511,8 @@ def _train_loop(config: Config, mesh, family: tasks.TaskFamily, training_family:
     progress = metrics.Progress(config.num_steps, start_step,
                                 config.meta_batch_size * config.unroll_length, "task_steps")
     data = parallel.replicate(mesh, family.data)
-    training_data = parallel.replicate(mesh, training_family.data)
+    training_data = (data if training_family.data is family.data  # no mixture: the same arrays
+                     else parallel.replicate(mesh, training_family.data))
     train_step = jit_train_step(config, mesh, training_family, state)
     validation_keys, _ = evaluate.eval_keys(config.eval_seed, config.num_validation_tasks, 1)
     validation_loss = make_validation_loss(config, family, validation_keys)
