@@ -39,9 +39,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from benchmarks import machine, roofline  # noqa: E402
 from benchmarks.stats import mean_sd  # noqa: E402
-from common import config as config_lib  # noqa: E402
 from common import cpu_settings  # noqa: E402
-from common import images, metrics, workdirs  # noqa: E402
+from common import images, metrics  # noqa: E402
 from launch import flags as launch_flags  # noqa: E402
 from launch import learned_optimizer as launcher  # noqa: E402
 from learned_optimizers import evaluate, lstm, tasks, train  # noqa: E402
@@ -161,8 +160,7 @@ def plot_curves(path: str, name: str, family: str, per_seed: list[dict], seeds) 
 
 def reevaluate(workdir: str) -> None:
     """eval.json of a finished run recomputed from its saved φ and config."""
-    config = config_lib.from_dict(train.Config,
-                                  workdirs.read_json(os.path.join(workdir, workdirs.CONFIG_FILE)))
+    config = train.read_config(workdir)
     meta_params, _ = lstm.load(os.path.join(workdir, train.META_PARAMS_FILE))
     train.evaluate_run(config, meta_params, workdir)
 
@@ -363,8 +361,7 @@ def gradient_by_unroll(workdir: str, batches: int = 3) -> dict:
     """Mean over `batches` fresh meta-batches of the meta-gradient's global norm and of the
     meta-loss at each unroll position of a horizon (1 .. T / K), per meta-objective, at a run's
     saved meta-parameters and with its config: how much each part of the horizon weighs."""
-    config = config_lib.from_dict(train.Config,
-                                  workdirs.read_json(os.path.join(workdir, workdirs.CONFIG_FILE)))
+    config = train.read_config(workdir)
     family = train.make_family(config, "train")
     meta_params, _ = lstm.load(os.path.join(workdir, train.META_PARAMS_FILE))
     out = {"workdir": workdir, "meta_batches": batches, "command": command()}

@@ -79,11 +79,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def from_dict(config_cls: type, values: dict[str, Any]) -> Any:
+def from_dict(config_cls: type, values: dict[str, Any], retired: Iterable[str] = ()) -> Any:
     """The inverse of `to_dict`: a `config_cls` from the plain values of its `config.json` (nested
     dicts become sub-configs, lists of tuple fields tuples); a field the dict lacks keeps its
-    default, a key `config_cls` does not know is refused."""
+    default, a `retired` key (a removed field, as older runs' files hold it) is dropped, and any
+    other key `config_cls` does not know is refused."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    values = {name: value for name, value in values.items() if name not in set(retired)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{config_cls.__qualname__} has no field {', '.join(unknown)}.")

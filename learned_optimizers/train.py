@@ -199,6 +199,9 @@ class Config:
 # Keys a rerun may change without starting a different run.
 RESUMABLE_KEYS = ("num_steps", "max_minutes", "log_every", "checkpoint_every", "data_dir", "evaluate",
                   "num_test_tasks", "eval_horizons", "transfer_tasks", "task_batching")
+# Removed flags whose every value computed the same function, as older runs' config.json files
+# hold them: ignored on resume and when a run's config is read back.
+RETIRED_KEYS = ("block_size",)
 
 
 @flax.struct.dataclass
@@ -478,7 +481,7 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
     family = make_family(config, "train")
     training_family = meta_training_family(config, family)
     config_dict = config_lib.to_dict(config)
-    with workdirs.claim(workdir, config_dict, overwrite, RESUMABLE_KEYS,
+    with workdirs.claim(workdir, config_dict, overwrite, RESUMABLE_KEYS + RETIRED_KEYS,
                         defaults=config_lib.to_dict(Config()), num_steps=config.num_steps):
         logging.info("Meta-training the LSTM optimizer on %s: meta-batch %d = %d devices x %d "
                      "tasks, %d processes; horizon %s in unrolls of %d, %d meta-steps.",
@@ -543,6 +546,12 @@ def _train_loop(config: Config, mesh, family: tasks.TaskFamily, training_family:
                 break
         ckpts.stop_if_preempted(done, state)
     return state, done
+
+
+def read_config(workdir: str) -> Config:
+    """The config of the run in `workdir`, from its config.json."""
+    return config_lib.from_dict(Config, workdirs.read_json(
+        os.path.join(workdir, workdirs.CONFIG_FILE)), retired=RETIRED_KEYS)
 
 
 def evaluate_run(config: Config, meta_params, workdir: str) -> dict[str, Any]:

@@ -285,10 +285,13 @@ def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_pa
     assert int(train.train_and_evaluate(timed, str(workdir)).step) == 2
     assert "Stopping after meta-step 2 of 4: --max_minutes=1e-09" in caplog.text
     assert not (workdir / evaluate.EVAL_FILE).exists(), "evaluated an unfinished run"
-    # a run started before a flag existed resumes: its stored config lacks the key (= default)
+    # a run started before a flag existed resumes: its stored config lacks the key (= default);
+    # so does one started before a retired flag was removed (its config.json holds the key)
     stored = workdirs.read_json(str(workdir / workdirs.CONFIG_FILE))
     del stored["meta_objective"]
+    stored["block_size"] = 256
     (workdir / workdirs.CONFIG_FILE).write_text(json.dumps(stored))
+    assert train.read_config(str(workdir)) == timed
     resumed = train.train_and_evaluate(timed, str(workdir))
     assert int(resumed.step) == 4 and (workdir / evaluate.EVAL_FILE).exists()
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
