@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -101,6 +102,23 @@ def check_global_batch(global_batch: int, mesh: Mesh, what: str = "batch size") 
         raise ValueError(f"{what} {global_batch} is not divisible by the {num_devices} devices "
                          f"of the mesh; choose a multiple of {num_devices}.")
     return global_batch // num_devices
+
+
+def data_parallel_gradient(fn: Callable, mesh: Mesh, batch_inputs: Sequence[bool]) -> Callable:
+    """`fn(params, *inputs) -> (averaged, split)`, with the batch split over the mesh axis `data`.
+
+    Inputs flagged in `batch_inputs` are split along their leading axis, the others and `params`
+    replicated. Each device runs `fn` on its share with a device-varying copy of `params`
+    (`pcast`): the gradient with respect to a replicated value would be summed over devices (also
+    inside an inner loop, mixing tasks). `averaged` is the mean over devices (`pmean`), equal to
+    `fn` on the whole batch when it is a mean over the batch; `split` stays split.
+    """
+    def local(params, *inputs):
+        averaged, split = fn(jax.lax.pcast(params, DATA_AXIS, to="varying"), *inputs)
+        return jax.lax.pmean(averaged, DATA_AXIS), split
+
+    in_specs = (P(),) + tuple(P(DATA_AXIS) if split else P() for split in batch_inputs)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(), P(DATA_AXIS)))
 
 
 def shard_batch(mesh: Mesh, local_batch, axis: int = 0):

@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
-from jax.sharding import PartitionSpec as P
 
 from common import checkpoints, metrics, parallel, task_gradients, workdirs
 from common import config as config_lib
@@ -364,15 +363,11 @@ def sharded_meta_gradient(config: Config, family: tasks.TaskFamily, mesh) -> Cal
     computes the gradient of its tasks, and the gradients and losses are averaged across devices
     (equal to the single-device gradient, tested)."""
     def local(meta_params, trajectories, first_step, data):
-        # Device-varying copies: each device differentiates its own tasks' loss (the gradient
-        # with respect to a replicated value would be summed over devices).
-        meta_params = jax.lax.pcast(meta_params, parallel.DATA_AXIS, to="varying")
         grads, loss, trajectories = truncated_meta_gradient(config, family, meta_params,
                                                             trajectories, first_step, data)
-        return jax.lax.pmean((grads, loss), parallel.DATA_AXIS), trajectories
+        return (grads, loss), trajectories
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P(), P()),
-                         out_specs=((P(), P()), P(parallel.DATA_AXIS)))
+    return parallel.data_parallel_gradient(local, mesh, batch_inputs=(True, False, False))
 
 
 def pes_gradient(config: Config, family: tasks.TaskFamily, meta_params, trajectories,

@@ -41,7 +41,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
 
 from common import config as config_lib
 from common import parallel, task_gradients
@@ -300,19 +299,13 @@ def make_meta_step(learner: Learner, config: MetaConfig, optimizer: optax.Gradie
         config, task_batching=task_gradients.resolve_task_batching(config.task_batching))
 
     def local(meta_params, tasks, weights):
-        # Device-varying copies: each device differentiates its own tasks' loss. (The gradient
-        # with respect to a replicated value would be summed over devices -- also inside the
-        # inner loop, mixing tasks.)
-        meta_params = jax.lax.pcast(meta_params, parallel.DATA_AXIS, to="varying")
-        grads, loss, metrics = meta_gradient(meta_params, tasks, weights, learner, local_config)
-        return jax.lax.pmean((grads, loss, metrics), parallel.DATA_AXIS)
+        return meta_gradient(meta_params, tasks, weights, learner, local_config), ()
 
-    sharded_gradient = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
-                                     out_specs=P())
+    sharded_gradient = parallel.data_parallel_gradient(local, mesh, batch_inputs=(True, False))
 
     def meta_step(state: MetaState, tasks: dict):
         weights = step_weights(config, state.step)
-        grads, loss, metrics = sharded_gradient(state.meta_params, tasks, weights)
+        (grads, loss, metrics), _ = sharded_gradient(state.meta_params, tasks, weights)
         return apply_meta_gradient(state, grads, optimizer, loss, metrics)
 
     return meta_step
