@@ -192,8 +192,10 @@ def quality(config_names, seeds, root: str, results_dir: str, again: bool, train
                 print(f"{run_name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
             out.update(quality_rows(run_name, seeds, runs, meta_steps, results_dir, trained_on,
                                     OBJECTIVES[config.meta_objective], extra_flags))
-        if variants:
-            plot_validation(os.path.join(results_dir, f"learned_optimizer_{name}_validation.png"),
+        if variants:  # named by its variants, so that another set of them draws its own
+            names = "_".join(parse_variant(v)[0] for v in variants)
+            plot_validation(os.path.join(results_dir,
+                                         f"learned_optimizer_{name}_{names}_validation.png"),
                             name, validation)
     return out
 
