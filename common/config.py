@@ -85,7 +85,8 @@ def from_dict(config_cls: type, values: dict[str, Any], retired: Iterable[str] =
     default, a `retired` key (a removed field, as older runs' files hold it) is dropped, and any
     other key `config_cls` does not know is refused."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    values = {name: value for name, value in values.items() if name not in set(retired)}
+    retired = set(retired)
+    values = {name: value for name, value in values.items() if name not in retired}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{config_cls.__qualname__} has no field {', '.join(unknown)}.")

@@ -3,6 +3,8 @@
 Batches are sharded along their leading axis over `data`; parameters and optimizer states are
 replicated. A jitted step given arrays with these shardings runs unchanged on one CPU, several
 local devices, or several hosts (JAX's multi-controller runtime); XLA inserts the reductions.
+The meta-learners' gradients, which each device must take of its own tasks only, go through
+`data_parallel_gradient` (shard_map, then an explicit mean over devices).
 """
 
 from __future__ import annotations
