@@ -53,6 +53,7 @@ from absl import logging
 
 from common import checkpoints, metrics, parallel, task_gradients, workdirs
 from common import config as config_lib
+from common import data as common_data
 from common.config import choice
 from learned_optimizers import evaluate, lstm, tasks
 
@@ -128,7 +129,7 @@ class Config:
     """
 
     task: str = choice("quadratic", tasks.FAMILIES)
-    dataset: str = "digits"
+    dataset: str = choice("digits", common_data.DATASETS)
     data_dir: str | None = None
     data_split: str = choice("train_test", tasks.DATA_SPLITS)
     batch_size: int = 128
@@ -185,6 +186,10 @@ class Config:
                              f"{self.meta_batch_size}.")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0 (0: no limit), got {self.max_minutes}.")
+        for spec in self.mixture_datasets:
+            if spec.partition(":")[0] not in common_data.DATASETS:
+                raise ValueError(f"mixture_datasets holds {spec!r}: the dataset must be one of "
+                                 f"{', '.join(common_data.DATASETS)} (name or name:data_dir).")
         if self.random_scaling < 0:
             raise ValueError(f"random_scaling must be >= 0 (0: off), got {self.random_scaling}.")
         if not self.pes_sigma > 0:

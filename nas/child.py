@@ -64,7 +64,7 @@ class ChildConfig:
       steps_per_call: Training steps per compiled call (unrolled: compile time grows with it).
       eval_batch_size: Evaluation batch (rounded up to a multiple of the number of devices).
     """
-    dataset: str = "fashion_mnist"
+    dataset: str = choice("fashion_mnist", data.DATASETS)
     num_steps: int = 200
     batch_size: int = 64
     learning_rate: float = 3e-3
