@@ -9,6 +9,8 @@ layout and `int32` labels. Sources are tried in order:
 3. tensorflow-datasets, when it is installed and can provide the set.
 
 A dataset found nowhere raises `DataNotFoundError` naming every place looked and how to fix it.
+A `data_dir` that does not hold the dataset, when a later source does, gives one warning line
+naming both.
 A corrupt or truncated file raises `CorruptDataError` naming the file.
 
 Batches come from `batch_indices(num_examples, batch_size, seed, step)`, a pure function of its
@@ -25,6 +27,7 @@ import re
 import struct
 
 import numpy as np
+from absl import logging
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -206,10 +209,12 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
         directories = directories[1:]
     for directory in directories:
         if _find_idx_pair(directory, split) is not None:
-            return load_idx_dir(directory, split, name)
-        looked.append(f"{directory}: no {' / '.join(IDX_NAMES[split])}[.gz]")
+            return _warn_if_elsewhere(load_idx_dir(directory, split, name), data_dir, looked)
+        label = f"--data_dir={directory}" if directory == data_dir else directory
+        looked.append(f"{label}: no {' / '.join(IDX_NAMES[split])}[.gz]")
     try:
-        return load_tfds(name, split, download=tfds_download)
+        return _warn_if_elsewhere(load_tfds(name, split, download=tfds_download), data_dir,
+                                  looked)
     except ImportError:
         looked.append("tensorflow-datasets: not installed")
     except Exception as e:  # tfds raises many types when data is absent and offline
@@ -220,6 +225,15 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
         remedy += ", or `apt-get install dataset-fashion-mnist`"
     raise DataNotFoundError(f"Dataset {name!r} ({split}) not found. Looked in:\n  - "
                             + "\n  - ".join(looked) + f"\n{remedy}.")
+
+
+def _warn_if_elsewhere(dataset: Dataset, data_dir: str | None, looked: list[str]) -> Dataset:
+    """`dataset`, after one warning line when a `data_dir` was given but the data came from
+    elsewhere (a mistyped path then does not go unnoticed)."""
+    if data_dir and looked:
+        logging.warning("%s; loaded %s (%s) from %s instead.", looked[0], dataset.name,
+                        dataset.split, dataset.source)
+    return dataset
 
 
 def select(dataset: Dataset, split: str) -> Dataset:

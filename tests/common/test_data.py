@@ -157,3 +157,24 @@ def test_tensorflow_datasets_is_the_fallback_and_its_arrays_are_converted(monkey
     assert calls == {"name": "kmnist", "split": "test", "batch_size": -1, "download": False}
     assert dataset.source == "tensorflow_datasets:kmnist" and dataset.images.dtype == np.uint8
     np.testing.assert_array_equal(dataset.labels, np.arange(5, dtype=np.int32))
+
+
+def test_a_data_dir_without_the_data_is_named_when_the_data_comes_from_elsewhere(
+        tmp_path, caplog):
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip(f"{FASHION_MNIST_DIR} absent: `apt-get install dataset-fashion-mnist`")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data_dir, problem in ((tmp_path / "typo", "no such directory"),
+                              (empty, "no t10k-images-idx3-ubyte")):
+        caplog.clear()
+        test = data.load("fashion_mnist", "test", str(data_dir))
+        assert test.source == FASHION_MNIST_DIR
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith(f"--data_dir={data_dir}: {problem}")
+        assert warnings[0].endswith(f"loaded fashion_mnist (test) from {FASHION_MNIST_DIR} "
+                                    "instead.")
+    caplog.clear()
+    data.load("fashion_mnist", "test")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
