@@ -18,7 +18,9 @@ dilated form (and above all its weight gradient) on a slow generic path, and thi
 convolution kernels. Gradients come from autodiff; the gather from w to K turns into a
 scatter-add in the backward pass. With few output channels (the DCGAN's last layer: 4 phases x 1
 channel) XLA's convolution kernels are slow too, and the stride-1 correlation is computed as one
-matmul over the input channels followed by a sum of shifted slices (`shift_add_correlation`).
+matmul over the input channels followed by a sum of shifted slices (`shift_add_correlation`); on
+small maps with many channels (the DCGAN's 7x7 ones) it is computed through the 2-D DFT
+(`gan.spectral`), which skips the padding's multiply-adds and most of the taps'.
 
 The input gradient of a strided convolution (`conv`, `PhaseConv`) is the same kind of dilated
 correlation, of the output gradient with the flipped kernel; XLA computes it over inserted zeros,
@@ -35,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from gan import spectral
 
 
 def _leading_padding(kernel: int, stride: int, padding: str) -> int:
@@ -102,10 +106,19 @@ def dilated_correlation(x: jax.Array, w: jax.Array, strides: Sequence[int],
 NARROW_OUTPUT = 16
 
 
+# The spectral form is used where it needs at most this fraction of the direct form's
+# multiply-adds (`spectral.multiply_adds`): the DCGAN's 7x7 maps, whose padding the direct form
+# also multiplies.
+SPECTRAL_MAX_FRACTION = 0.6
+
+
 def correlation(x: jax.Array, k: jax.Array, pads) -> jax.Array:
     """Equals `lax.conv_general_dilated(x, k, (1, 1), pads, ('NHWC', 'HWIO', 'NHWC'))`."""
     if k.shape[-1] < NARROW_OUTPUT:
         return shift_add_correlation(x, k, pads)
+    direct, spectral_form = spectral.multiply_adds(x.shape, k.shape, pads)
+    if min(min(p) for p in pads) >= 0 and spectral_form <= SPECTRAL_MAX_FRACTION * direct:
+        return spectral.correlation(x, k, pads)
     return lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 from jax import lax
 
-from gan import models, subpixel
+from gan import models, spectral, subpixel
 
 
 def test_dcgan_matches_the_keras_summary():
@@ -102,6 +102,23 @@ def test_shift_add_correlation_equals_lax_in_values_and_gradients(pads):
         lambda x, k: subpixel.shift_add_correlation(x, k, pads),
         lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_NHWC),
         (2, 6, 5, 3), (3, 2, 3, 4), len(str(pads)))
+
+
+@pytest.mark.parametrize("size,kernel,pads", [(7, 5, ((2, 2), (2, 2))), (7, 3, ((1, 1), (1, 1))),
+                                               (6, 3, ((2, 0), (0, 1))), (5, 2, ((0, 1), (1, 2)))])
+def test_spectral_correlation_equals_lax_in_values_and_gradients(size, kernel, pads):
+    _assert_same_values_and_gradients(
+        lambda x, k: spectral.correlation(x, k, pads),
+        lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_NHWC),
+        (2, size, size + 1, 3), (kernel, kernel, 3, 4), size + kernel)
+
+
+def test_the_dcgan_7x7_correlations_take_the_spectral_form():
+    for x_shape, k_shape, pads in (((2, 7, 7, 256), (5, 5, 256, 128), ((2, 2), (2, 2))),
+                                   ((2, 7, 7, 128), (3, 3, 128, 256), ((1, 1), (1, 1)))):
+        jaxpr = str(jax.make_jaxpr(lambda x, k, pads=pads: subpixel.correlation(x, k, pads))(
+            jnp.zeros(x_shape), jnp.zeros(k_shape)))
+        assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
 
 
 def _discriminator_grads(discriminator, variables, x, train, key):
