@@ -9,10 +9,11 @@ and K the 2-D DFTs of xp and of k zero-padded to Lh x Lw, and K* the complex con
 
     Y[u, v, o] = sum_c X[u, v, c] K*[u, v, c, o],        y = Re IDFT(Y)  (the needed m, n only).
 
-x and k are real, so the frequencies v <= Lw / 2 determine everything (Hermitian symmetry): per
-output and input channel pair the products take 4 Lh (Lw // 2 + 1) real multiply-adds instead of
-the direct form's (Lh - kh + 1)(Lw - kw + 1) kh kw; on a 7x7 map with a 5x5 kernel, 264 instead
-of 1,225. Each transform is one real matrix product with a constant DFT matrix (only the input's
+x and k are real, so Y[-u, -v] = Y*[u, v] and one frequency of each conjugate pair determines
+everything (`frequencies`, about Lh Lw / 2 of them): per output and input channel pair the
+products take 4 real multiply-adds per frequency instead of the direct form's
+(Lh - kh + 1)(Lw - kw + 1) kh kw; on a 7x7 map with a 5x5 kernel, 4 x 61 = 244 instead of
+1,225. Each transform is one real matrix product with a constant DFT matrix (only the input's
 unpadded rows and columns enter it), so autodiff's transposes are matrix products too. It is the
 same function as `lax.conv_general_dilated` with that padding, up to float rounding.
 """
@@ -26,30 +27,34 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _frequencies(lh: int, lw: int) -> tuple[np.ndarray, np.ndarray]:
-    """u [Lh, 1] and v [1, Lw // 2 + 1]: the frequencies the products run over."""
-    return np.arange(lh)[:, None], np.arange(lw // 2 + 1)[None, :]
+def frequencies(lh: int, lw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u, v, weight) of one frequency of each conjugate pair of an Lh x Lw real map's DFT:
+    Y[-u, -v] = Y*[u, v], so Re sum_{all u, v} Y e^{i angle} = sum weight Re(Y e^{i angle}) over
+    these, weight 1 for a frequency that is its own pair and 2 otherwise."""
+    u, v = np.meshgrid(np.arange(lh), np.arange(lw // 2 + 1), indexing="ij")
+    keep = (2 * v % lw != 0) | (u <= lh // 2)  # in the columns v = 0 and v = Lw / 2, u <= Lh / 2
+    u, v = u[keep], v[keep]
+    weight = np.where((2 * u % lh == 0) & (2 * v % lw == 0), 1.0, 2.0)
+    return u, v, weight
 
 
 def forward_dft(lh: int, lw: int, rows: int, cols: int, top: int, left: int) -> np.ndarray:
-    """[2, F, rows * cols] (real, imaginary; F = Lh (Lw // 2 + 1)): the DFT of an Lh x Lw map
+    """[2, F, rows * cols] (real, imaginary; F the `frequencies`): the DFT of an Lh x Lw map
     that is zero but for a rows x cols block at (top, left), as a matrix on that block."""
-    u, v = _frequencies(lh, lw)
-    m, n = np.arange(rows) + top, np.arange(cols) + left
-    angle = -2 * np.pi * (u[:, :, None, None] * m[:, None] / lh
-                          + v[:, :, None, None] * n[None, :] / lw)
-    return np.stack([np.cos(angle), np.sin(angle)]).reshape(2, -1, rows * cols)
+    u, v, _ = frequencies(lh, lw)
+    m, n = np.meshgrid(np.arange(rows) + top, np.arange(cols) + left, indexing="ij")
+    angle = -2 * np.pi * (np.outer(u, m.ravel()) / lh + np.outer(v, n.ravel()) / lw)
+    return np.stack([np.cos(angle), np.sin(angle)])
 
 
 def inverse_dft_real(lh: int, lw: int, rows: int, cols: int) -> np.ndarray:
-    """[rows * cols, 2, F]: Re IDFT at m < rows, n < cols of a spectrum given by its real and
-    imaginary parts at the frequencies v <= Lw / 2 (each other v counted through its mirror)."""
-    u, v = _frequencies(lh, lw)
-    mirrored = np.where((v == 0) | (2 * v == lw), 1.0, 2.0) / (lh * lw)
-    m, n = np.arange(rows)[:, None, None, None], np.arange(cols)[None, :, None, None]
-    angle = 2 * np.pi * (m * u / lh + n * v / lw)
-    inverse = np.stack([np.cos(angle) * mirrored, -np.sin(angle) * mirrored], axis=2)
-    return inverse.reshape(rows * cols, 2, -1)
+    """[rows * cols, 2, F]: Re IDFT at m < rows, n < cols of a real map's spectrum given by its
+    real and imaginary parts at the `frequencies`."""
+    u, v, weight = frequencies(lh, lw)
+    m, n = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    angle = 2 * np.pi * (np.outer(m.ravel(), u) / lh + np.outer(n.ravel(), v) / lw)
+    scale = weight / (lh * lw)
+    return np.stack([np.cos(angle) * scale, -np.sin(angle) * scale], axis=1)
 
 
 def multiply_adds(x_shape: Sequence[int], k_shape: Sequence[int], pads) -> tuple[int, int]:
@@ -58,7 +63,7 @@ def multiply_adds(x_shape: Sequence[int], k_shape: Sequence[int], pads) -> tuple
     kh, kw, _, cout = k_shape
     lh, lw = h + sum(pads[0]), w + sum(pads[1])
     out = (lh - kh + 1) * (lw - kw + 1)
-    f = lh * (lw // 2 + 1)
+    f = len(frequencies(lh, lw)[0])
     return out * kh * kw * cin * cout, 4 * f * cin * cout + 2 * f * (h * w * cin + out * cout)
 
 
