@@ -15,6 +15,13 @@ run time, much slower than the same rounds unrolled with constant rotations, whi
 into one vectorised loop together with the comparison and the select. `random_bits` is that
 unrolled form; `Dropout` uses it with the key `nn.Dropout` would draw, so masks, outputs and
 gradients are those of `nn.Dropout`.
+
+Each mask is read by several loops of a training step: the forward select, and the backward
+select of every gradient that flows through the layer. XLA's CPU fusion copies an elementwise
+producer into each of its consumers, so it would run the 20 rounds once per consumer, and it
+removes `lax.optimization_barrier` before fusing. `materialised_keep_mask` computes the mask as
+the result of a conditional whose two branches are that same computation: a conditional's result
+is a buffer, written once and read by every consumer.
 """
 
 from __future__ import annotations
@@ -72,6 +79,15 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.A
     return uniform < jnp.float32(keep_prob)
 
 
+def materialised_keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+    """`keep_mask`, computed once per step however many loops read it (see the module's
+    docstring): both branches of the conditional are `keep_mask`, so its predicate, a bit of the
+    key known only at run time, does not change the result."""
+    words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    mask = lambda k: keep_mask(k, keep_prob, shape)  # noqa: E731
+    return lax.cond(words[0] & np.uint32(1), mask, mask, key)
+
+
 class Dropout(nn.Module):
     """Drop-in for `nn.Dropout(rate, deterministic)` (no `broadcast_dims`): same key from the
     'dropout' rng collection, same mask, same output."""
@@ -86,5 +102,5 @@ class Dropout(nn.Module):
         if self.rate == 1.0:
             return jnp.zeros_like(x)
         keep_prob = 1.0 - self.rate
-        mask = keep_mask(self.make_rng("dropout"), keep_prob, x.shape)
+        mask = materialised_keep_mask(self.make_rng("dropout"), keep_prob, x.shape)
         return lax.select(mask, x / keep_prob, jnp.zeros_like(x))

@@ -1,6 +1,7 @@
 """The unrolled Threefry dropout against jax.random.bits and flax's nn.Dropout."""
 
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gan import dropout
+from gan import dropout, models
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 4), (2, 7, 7, 8)])
@@ -55,3 +56,33 @@ def test_dropout_equals_flax_dropout_in_values_and_gradients(rate):
         assert abs(float(jnp.mean(kept)) - (1.0 - rate)) < 0.05
         chex.assert_trees_all_close(y[kept] * (1 - rate), x[kept], rtol=1e-6)
     np.testing.assert_array_equal(dropout.Dropout(rate, deterministic=True).apply({}, x), x)
+
+
+def _rounds_outside_conditionals(hlo: str) -> tuple[int, int]:
+    """(computations holding Threefry's 20 rounds that are not a conditional's branch nor called
+    from one, branch computations) of a compiled module's text."""
+    bodies = dict(re.findall(r"^%?(\S+) \([^\n]*\) -> [^\n]* \{\n(.*?)\n\}", hlo, re.S | re.M))
+    rounds = {name for name, body in bodies.items() if body.count(" xor(") >= 20}
+    branches = {b for group in re.findall(r"branch_computations=\{([^}]*)\}", hlo)
+                for b in re.findall(r"%?([\w.\-]+)", group)}
+    inside = set(branches)
+    for branch in branches:
+        inside |= set(re.findall(r"calls=%?([\w.\-]+)", bodies.get(branch, "")))
+    return len(rounds - inside), len(branches)
+
+
+def test_each_mask_is_computed_once_in_a_compiled_gradient():
+    """The discriminator's gradient reads each mask in its forward and backward loops; the 20
+    rounds must be compiled only inside the conditionals (one per mask, two branches each), not
+    copied into those loops."""
+    discriminator = models.DCGANDiscriminator()
+    x = jnp.zeros((2, 28, 28, 1))
+    params = discriminator.init(jax.random.PRNGKey(0), x, train=False)["params"]
+
+    def loss(params, x):
+        logits = discriminator.apply({"params": params}, x, train=True,
+                                     rngs={"dropout": jax.random.PRNGKey(1)})
+        return jnp.sum(logits ** 2)
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile().as_text()
+    assert _rounds_outside_conditionals(hlo) == (0, 4)
