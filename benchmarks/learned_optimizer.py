@@ -72,6 +72,9 @@ flags.DEFINE_bool("reevaluate", False,
 flags.DEFINE_string("trained_on", "",
                     "Where the runs were meta-trained, recorded with their rows (default: "
                     "this machine's JAX devices).")
+flags.DEFINE_bool("add_seeds", False,
+                  "Add these seeds to the rows of the same configs already in --output (seeds "
+                  "whose workdirs are gone) instead of replacing them; see `rows_with_added_seeds`.")
 flags.DEFINE_string("note", "", "Free text stored with the results (e.g. what was not run).")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results",
                                            "learned_optimizer.json"), "Result file.")
@@ -227,6 +230,32 @@ def quality_rows(name: str, seeds, runs: list[dict], meta_steps: list[int], resu
                 row["extra_flags"] = list(extra_flags)
             out[row_key(row)] = row
     return out
+
+
+def rows_with_added_seeds(old: dict, new: dict) -> dict:
+    """`old` (a row of some seeds) and `new` (the same config, family and horizon, other seeds) as
+    one row over both. The baselines do not depend on the meta-training seed (the same test tasks,
+    tuned on the same grid), so each seed's LSTM loss is its ratio times Adam's loss and its rank
+    follows from the baselines' losses; refused where the baselines differ."""
+    if set(old["seeds"]) & set(new["seeds"]):
+        raise ValueError(f"{row_key(new)}: seeds {new['seeds']} overlap the file's {old['seeds']}")
+    losses = new["mean_final_loss"]
+    baselines = [name for name in losses if name != "lstm"]
+    for name in baselines:
+        if not np.isclose(old["mean_final_loss"][name]["mean"], losses[name]["mean"], rtol=1e-6):
+            raise ValueError(f"{row_key(new)}: {name}'s test loss differs from the file's row "
+                             "(another evaluation); rerun all seeds together")
+    ratios = old["ratio_per_seed"] + new["ratio_per_seed"]
+    lstm = [ratio * losses["adam"]["mean"] for ratio in ratios]
+    ranks = [1 + sum(losses[name]["mean"] < loss for name in baselines) for loss in lstm]
+    if not np.isclose(np.mean(ranks[:len(old["seeds"])]), old["lstm_rank"]["mean"]):
+        raise ValueError(f"{row_key(new)}: the file's ranks do not follow from its ratios")
+    pictures = [p for row in (old, new) for p in np.atleast_1d(row["curves_png"]) if p]
+    return {**new, "seeds": old["seeds"] + new["seeds"],
+            "mean_final_loss": {**losses, "lstm": mean_sd(lstm)},
+            "ratio_lstm_to_adam": mean_sd(ratios), "ratio_per_seed": ratios,
+            "lstm_rank": mean_sd(ranks), "meta_steps": old["meta_steps"] + new["meta_steps"],
+            "curves_png": pictures, "earlier_seeds_command": old["command"]}
 
 
 def time_calls(fn, args, steps: int) -> float:
@@ -421,6 +450,10 @@ def main(argv):
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:
             previous = json.load(f)
+    if FLAGS.add_seeds:
+        results = {key: rows_with_added_seeds(previous["quality"][key], row)
+                   if key in previous.get("quality", {}) else row
+                   for key, row in results.items()}
     replaced = {row["config"] for row in results.values()}
     results = {**{row_key(row): row for row in previous.get("quality", {}).values()
                   if row["config"] not in replaced}, **results}
