@@ -134,7 +134,8 @@ def main(argv):
             rows = (ours(seed, FLAGS.epochs, epoch_steps) if framework == "ours"
                     else tensorflow(seed, FLAGS.epochs, epoch_steps, train_images))
             result["runs"][name] = {"framework": framework, "seed": seed, "per_epoch": rows,
-                                    "seconds": time.time() - start}
+                                    "seconds": time.time() - start,
+                                    "cpu_model": result["machine"].get("cpu_model")}
             save(result)
     import jax
     import tensorflow as tf
