@@ -30,9 +30,11 @@ if __name__ == "__main__":  # the launcher's CPU settings (common/cpu_settings.p
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from benchmarks import machine, tf_dcgan  # noqa: E402
-from common import data, images, metrics  # noqa: E402
+from benchmarks.stats import mean_sd, welch_two_sided  # noqa: E402
+from common import data, metrics  # noqa: E402
 from gan import evaluate, train  # noqa: E402
 
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the runs (each framework runs every seed).")
@@ -96,7 +98,8 @@ def tensorflow(seed: int, epochs: int, epoch_steps: int, train_images: np.ndarra
 
 
 def inside_tf_range(result: dict) -> list[dict]:
-    """Per epoch: TensorFlow's FID range over its seeds, and whether each of our runs is in it."""
+    """Per epoch: TensorFlow's FID range over its seeds, whether each of our runs is in it, both
+    frameworks' mean ± sd, and Welch's two-sided test of equal means."""
     tf_runs = [r for r in result["runs"].values() if r["framework"] == "tf"]
     our_runs = {k: r for k, r in result["runs"].items() if r["framework"] == "ours"}
     out = []
@@ -109,7 +112,9 @@ def inside_tf_range(result: dict) -> list[dict]:
             out.append({"epoch": epoch, "tf_min": lo, "tf_max": hi, "ours": ours_fid,
                         "ours_inside": {k: lo <= v <= hi for k, v in ours_fid.items()},
                         "ours_mean_minus_tf_mean": float(np.mean(list(ours_fid.values()))
-                                                         - np.mean(tf_fid))})
+                                                         - np.mean(tf_fid)),
+                        "ours_fid": mean_sd(list(ours_fid.values())), "tf_fid": mean_sd(tf_fid),
+                        "welch_p_two_sided": welch_two_sided(list(ours_fid.values()), tf_fid)})
     return out
 
 
@@ -150,11 +155,35 @@ def save(result: dict) -> None:
     """Writes the JSON, with the comparison of the runs so far, and the FID curves' PNG."""
     result["comparison"] = inside_tf_range(result)
     metrics.write_json(FLAGS.output, result)
-    curves = {name: ([r["epoch"] for r in run["per_epoch"]], [r["fid"] for r in run["per_epoch"]])
-              for name, run in sorted(result["runs"].items())}
-    images.save_curves(os.path.splitext(FLAGS.output)[0] + "_fid.png", curves, xlabel="epoch",
-                       ylabel="FID (in-repo classifier)",
-                       title="DCGAN on Fashion-MNIST: ours vs the TensorFlow tutorial")
+    plot_fid(os.path.splitext(FLAGS.output)[0] + "_fid.png", result["runs"])
+
+
+def plot_fid(path: str, runs: dict) -> str:
+    """FID per epoch: each run thin, each framework's mean over its seeds thick, and the range of
+    TensorFlow's seeds shaded."""
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.subplots()
+    for framework, color, style in (("tf", "tab:orange", "--"), ("ours", "tab:blue", "-")):
+        own = [run["per_epoch"] for run in runs.values() if run["framework"] == framework]
+        if not own:
+            continue
+        epochs = [row["epoch"] for row in own[0]]
+        fid = np.array([[row["fid"] for row in rows[:len(epochs)]] for rows in own])
+        for curve in fid:
+            ax.plot(epochs, curve, style, color=color, alpha=0.35, lw=1)
+        ax.plot(epochs, fid.mean(0), style, color=color, lw=2.5,
+                label=f"{'TensorFlow tutorial' if framework == 'tf' else 'ours'}: mean of "
+                      f"{len(own)} seeds (thin: each seed)")
+        if framework == "tf":
+            ax.fill_between(epochs, fid.min(0), fid.max(0), color=color, alpha=0.15,
+                            label="TensorFlow's range over seeds")
+    ax.set(xlabel="epoch", ylabel="FID (in-repo classifier)",
+           title="DCGAN on Fashion-MNIST, same batches: ours vs the TF tutorial")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
 
 
 if __name__ == "__main__":

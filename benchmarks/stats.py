@@ -1,5 +1,5 @@
-"""Statistics the benchmarks report over seeds: mean and standard deviation, and a one-sided
-Welch t-test."""
+"""Statistics the benchmarks report over seeds: mean and standard deviation, and Welch t-tests
+(one- and two-sided)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ def welch_greater(a, b) -> float:
     if np.std(a) == 0 and np.std(b) == 0:
         return 0.0 if np.mean(a) > np.mean(b) else 1.0
     return float(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
+
+
+def welch_two_sided(a, b) -> float:
+    """Two-sided Welch t-test p-value of mean(a) = mean(b) (nan with fewer than 2 values a side)."""
+    if min(len(a), len(b)) < 2:
+        return float("nan")
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
