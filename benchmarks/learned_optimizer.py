@@ -346,7 +346,7 @@ def main(argv):
     gradient_params = FLAGS.gradient_by_unroll
     meta_step_config, rounds = FLAGS.meta_step_config, FLAGS.meta_step_rounds
     batchings = list(FLAGS.task_batchings)
-    variants = list(FLAGS.variant)
+    variants, add_seeds = list(FLAGS.variant), FLAGS.add_seeds
     results = quality(configs, seeds, root, os.path.dirname(output), FLAGS.reevaluate,
                       FLAGS.trained_on or devices(), variants)
     speed_results = speed(speed_config, unrolls, speed_steps) if unrolls else {}
@@ -358,7 +358,7 @@ def main(argv):
     if os.path.exists(output):  # runs of other configs (or the speed table) stay in the file
         with open(output) as f:
             previous = json.load(f)
-    if FLAGS.add_seeds:
+    if add_seeds:
         results = {key: rows_with_added_seeds(previous["quality"][key], row)
                    if key in previous.get("quality", {}) else row
                    for key, row in results.items()}

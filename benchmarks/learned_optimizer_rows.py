@@ -85,27 +85,32 @@ def quality_rows(name: str, seeds, runs: list[dict], meta_steps: list[int], resu
     return out
 
 
+def pooled(a: dict, b: dict) -> dict:
+    """`mean_sd` of the union of two groups of values, from each group's `mean_sd`."""
+    n = a["n"] + b["n"]
+    mean = (a["n"] * a["mean"] + b["n"] * b["mean"]) / n
+    squares = ((a["n"] - 1) * a["sd"] ** 2 + (b["n"] - 1) * b["sd"] ** 2
+               + a["n"] * b["n"] / n * (a["mean"] - b["mean"]) ** 2)
+    return {"mean": float(mean), "sd": float(np.sqrt(squares / (n - 1))) if n > 1 else 0.0,
+            "n": n}
+
+
 def rows_with_added_seeds(old: dict, new: dict) -> dict:
     """`old` (a row of some seeds) and `new` (the same config, family and horizon, other seeds) as
-    one row over both. The baselines do not depend on the meta-training seed (the same test tasks,
-    tuned on the same grid), so each seed's LSTM loss is its ratio times Adam's loss and its rank
-    follows from the baselines' losses; refused where the baselines differ."""
+    one row over both, as `quality_rows` would give it over all their runs. Refused where the
+    seeds overlap or the baselines were tuned to other learning rates (another protocol)."""
     if set(old["seeds"]) & set(new["seeds"]):
         raise ValueError(f"{row_key(new)}: seeds {new['seeds']} overlap the file's {old['seeds']}")
-    losses = new["mean_final_loss"]
-    baselines = [name for name in losses if name != "lstm"]
-    for name in baselines:
-        if not np.isclose(old["mean_final_loss"][name]["mean"], losses[name]["mean"], rtol=1e-6):
-            raise ValueError(f"{row_key(new)}: {name}'s test loss differs from the file's row "
-                             "(another evaluation); rerun all seeds together")
+    if old["learning_rates"] != new["learning_rates"]:
+        raise ValueError(f"{row_key(new)}: the baselines' tuned learning rates differ from the "
+                         f"file's row ({new['learning_rates']} vs {old['learning_rates']}); "
+                         "rerun all seeds together")
     ratios = old["ratio_per_seed"] + new["ratio_per_seed"]
-    lstm = [ratio * losses["adam"]["mean"] for ratio in ratios]
-    ranks = [1 + sum(losses[name]["mean"] < loss for name in baselines) for loss in lstm]
-    if not np.isclose(np.mean(ranks[:len(old["seeds"])]), old["lstm_rank"]["mean"]):
-        raise ValueError(f"{row_key(new)}: the file's ranks do not follow from its ratios")
     pictures = [p for row in (old, new) for p in np.atleast_1d(row["curves_png"]) if p]
     return {**new, "seeds": old["seeds"] + new["seeds"],
-            "mean_final_loss": {**losses, "lstm": mean_sd(lstm)},
+            "mean_final_loss": {name: pooled(old["mean_final_loss"][name], losses)
+                                for name, losses in new["mean_final_loss"].items()},
             "ratio_lstm_to_adam": mean_sd(ratios), "ratio_per_seed": ratios,
-            "lstm_rank": mean_sd(ranks), "meta_steps": old["meta_steps"] + new["meta_steps"],
-            "curves_png": pictures, "earlier_seeds_command": old["command"]}
+            "lstm_rank": pooled(old["lstm_rank"], new["lstm_rank"]),
+            "meta_steps": old["meta_steps"] + new["meta_steps"], "curves_png": pictures,
+            "earlier_seeds_command": old["command"]}
