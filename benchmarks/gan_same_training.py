@@ -109,12 +109,12 @@ def inside_tf_range(result: dict) -> list[dict]:
                     if row["epoch"] == epoch}
         if tf_fid and ours_fid:
             lo, hi = min(tf_fid), max(tf_fid)
+            ours_values = list(ours_fid.values())
             out.append({"epoch": epoch, "tf_min": lo, "tf_max": hi, "ours": ours_fid,
                         "ours_inside": {k: lo <= v <= hi for k, v in ours_fid.items()},
-                        "ours_mean_minus_tf_mean": float(np.mean(list(ours_fid.values()))
-                                                         - np.mean(tf_fid)),
-                        "ours_fid": mean_sd(list(ours_fid.values())), "tf_fid": mean_sd(tf_fid),
-                        "welch_p_two_sided": welch_two_sided(list(ours_fid.values()), tf_fid)})
+                        "ours_mean_minus_tf_mean": float(np.mean(ours_values) - np.mean(tf_fid)),
+                        "ours_fid": mean_sd(ours_values), "tf_fid": mean_sd(tf_fid),
+                        "welch_p_two_sided": welch_two_sided(ours_values, tf_fid)})
     return out
 
 

@@ -90,7 +90,6 @@ OBJECTIVES = {
     "log_loss": "log f(theta_{s+1})..log f(theta_{s+K}) per unroll from step s"}
 
 
-
 def config_from_file(name: str, extra_flags=(), **overrides) -> train.Config:
     """The Config a `--flagfile=launch/configs/<name>.flags <extra_flags>` launch would build (this
     re-parses, so resets, every flag: read the benchmark's own flags before calling it)."""
@@ -117,9 +116,6 @@ def plot_validation(path: str, name: str, curves: dict[str, list[list[float]]]) 
         path, {label: tuple(zip(*curve)) for label, curve in curves.items() if curve},
         xlabel="meta-step", ylabel="validation loss f(θ_T), mean over tasks",
         title=f"{name}: meta-training runs")
-
-
-
 
 
 def reevaluate(workdir: str) -> None:
@@ -162,8 +158,6 @@ def quality(config_names, seeds, root: str, results_dir: str, again: bool, train
                                          f"learned_optimizer_{name}_{names}_validation.png"),
                             name, validation)
     return out
-
-
 
 
 def time_calls(fn, args, steps: int) -> float:

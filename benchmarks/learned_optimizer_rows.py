@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from benchmarks.stats import mean_sd
+from benchmarks.stats import mean_sd, pooled
 
 
 def command() -> str:
@@ -83,16 +83,6 @@ def quality_rows(name: str, seeds, runs: list[dict], meta_steps: list[int], resu
                 row["extra_flags"] = list(extra_flags)
             out[row_key(row)] = row
     return out
-
-
-def pooled(a: dict, b: dict) -> dict:
-    """`mean_sd` of the union of two groups of values, from each group's `mean_sd`."""
-    n = a["n"] + b["n"]
-    mean = (a["n"] * a["mean"] + b["n"] * b["mean"]) / n
-    squares = ((a["n"] - 1) * a["sd"] ** 2 + (b["n"] - 1) * b["sd"] ** 2
-               + a["n"] * b["n"] / n * (a["mean"] - b["mean"]) ** 2)
-    return {"mean": float(mean), "sd": float(np.sqrt(squares / (n - 1))) if n > 1 else 0.0,
-            "n": n}
 
 
 def rows_with_added_seeds(old: dict, new: dict) -> dict:

@@ -1,5 +1,5 @@
-"""Statistics the benchmarks report over seeds: mean and standard deviation, and Welch t-tests
-(one- and two-sided)."""
+"""Statistics the benchmarks report over seeds: mean and standard deviation (also of two groups
+pooled), and Welch t-tests (one- and two-sided)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ def mean_sd(values) -> dict[str, float]:
     values = np.asarray(values, np.float64)
     return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1
             else 0.0, "n": int(len(values))}
+
+
+def pooled(a: dict, b: dict) -> dict:
+    """`mean_sd` of the union of two groups of values, from each group's `mean_sd`."""
+    n = a["n"] + b["n"]
+    mean = (a["n"] * a["mean"] + b["n"] * b["mean"]) / n
+    squares = ((a["n"] - 1) * a["sd"] ** 2 + (b["n"] - 1) * b["sd"] ** 2
+               + a["n"] * b["n"] / n * (a["mean"] - b["mean"]) ** 2)
+    return {"mean": float(mean), "sd": float(np.sqrt(squares / (n - 1))) if n > 1 else 0.0,
+            "n": n}
 
 
 def welch_greater(a, b) -> float:
