@@ -122,7 +122,8 @@ def reevaluate(workdir: str) -> None:
     """eval.json of a finished run recomputed from its saved φ and config."""
     config = train.read_config(workdir)
     meta_params, _ = lstm.load(os.path.join(workdir, train.META_PARAMS_FILE))
-    train.evaluate_run(config, meta_params, workdir)
+    train.evaluate_run(config, meta_params, workdir,
+                       max(r["step"] for r in metrics.read_metrics(workdir)))
 
 
 def quality(config_names, seeds, root: str, results_dir: str, again: bool, trained_on: str,

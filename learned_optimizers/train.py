@@ -493,6 +493,8 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
         state = parallel.place(state, state_shardings(mesh, state))
         with checkpoints.resume(workdir, config.checkpoint_every, config_dict, state,
                                 config.log_every) as (ckpts, state, start_step, writer):
+            if start_step < config.num_steps:
+                keep_earlier_evaluation(workdir, start_step)
             state, done = _train_loop(config, mesh, family, training_family, state, start_step,
                                       ckpts, writer)
         parallel.log_fingerprint(done, (state.meta_params, state.best_meta_params))
@@ -501,8 +503,26 @@ def train_and_evaluate(config: Config, workdir: str, overwrite: bool = False) ->
             lstm.save(os.path.join(workdir, META_PARAMS_FILE), best, config.output_scale,
                       config.preprocessing)
         if config.evaluate and done == config.num_steps:
-            evaluate_run(config, best, workdir)
+            evaluate_run(config, best, workdir, done)
     return state
+
+
+def keep_earlier_evaluation(workdir: str, start_step: int) -> None:
+    """A finished run continued to more meta-steps: its evaluation and best φ move aside to
+    `eval_<steps>.json` and `meta_params_<steps>.npz`, steps the meta-steps they were made at
+    (`start_step` for an eval.json that does not record them), so that the shorter run's result
+    stays beside the longer one's and `eval.json` never describes another φ than the saved one."""
+    path = os.path.join(workdir, evaluate.EVAL_FILE)
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    steps = workdirs.read_json(path).get("meta_steps", start_step)
+    for name in (evaluate.EVAL_FILE, META_PARAMS_FILE):
+        stem, extension = os.path.splitext(name)
+        if os.path.exists(os.path.join(workdir, name)):
+            os.replace(os.path.join(workdir, name),
+                       os.path.join(workdir, f"{stem}_{steps}{extension}"))
+    logging.info("Continuing past the evaluation at meta-step %d: it is kept as eval_%d.json and "
+                 "meta_params_%d.npz.", steps, steps, steps)
 
 
 def _train_loop(config: Config, mesh, family: tasks.TaskFamily, training_family: tasks.TaskFamily,
@@ -554,9 +574,11 @@ def read_config(workdir: str) -> Config:
         os.path.join(workdir, workdirs.CONFIG_FILE)), retired=RETIRED_KEYS)
 
 
-def evaluate_run(config: Config, meta_params, workdir: str) -> dict[str, Any]:
-    """Evaluates φ against tuned baselines on the config's family and its transfer targets;
-    writes `eval.json` and a `learning_curves[_<family>].png` per family."""
+def evaluate_run(config: Config, meta_params, workdir: str,
+                 meta_steps: int | None = None) -> dict[str, Any]:
+    """Evaluates φ (meta-trained for `meta_steps`, recorded when given) against tuned baselines
+    on the config's family and its transfer targets; writes `eval.json` and a
+    `learning_curves[_<family>].png` per family."""
     validation_keys, test_keys = evaluate.eval_keys(config.eval_seed, config.num_validation_tasks,
                                                     config.num_test_tasks)
     learned = make_optimizer(config, meta_params)
@@ -569,5 +591,7 @@ def evaluate_run(config: Config, meta_params, workdir: str) -> dict[str, Any]:
         evaluate.plot(os.path.join(workdir, f"learning_curves{suffix}.png"), curves,
                       f"{name}: {len(test_keys)} test tasks (LSTM meta-trained on {config.task})")
     results = {"task": config.task, "families": families}
+    if meta_steps is not None:
+        results["meta_steps"] = meta_steps
     evaluate.write_results(workdir, results)
     return results

@@ -300,6 +300,17 @@ def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_pa
     for name, curve in family["mean_curves"].items():  # the per-step curves behind the table
         assert len(curve) == 7
         np.testing.assert_allclose(curve[6], family["stats"][name]["6"]["mean"], rtol=1e-6)
+    # continued to more meta-steps, the run keeps its evaluation and φ at 4 beside the new ones,
+    # and never leaves an eval.json of another φ than meta_params.npz
+    evaluated = {name: (workdir / name).read_bytes()
+                 for name in (evaluate.EVAL_FILE, train.META_PARAMS_FILE)}
+    longer = dataclasses.replace(timed, num_steps=8)
+    assert int(train.train_and_evaluate(longer, str(workdir)).step) == 6
+    assert not (workdir / evaluate.EVAL_FILE).exists()
+    train.train_and_evaluate(longer, str(workdir))
+    assert workdirs.read_json(str(workdir / evaluate.EVAL_FILE))["meta_steps"] == 8
+    assert (workdir / "eval_4.json").read_bytes() == evaluated[evaluate.EVAL_FILE]
+    assert (workdir / "meta_params_4.npz").read_bytes() == evaluated[train.META_PARAMS_FILE]
     with pytest.raises(ValueError, match="max_minutes must be >= 0"):
         dataclasses.replace(config, max_minutes=-1.0).validate()
 
