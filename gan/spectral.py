@@ -85,9 +85,10 @@ def correlation(x: jax.Array, k: jax.Array, pads: Sequence[tuple[int, int]]) -> 
     pixels_first = x.reshape(b, h * w, cin).transpose(1, 0, 2).reshape(h * w, b * cin)
     spectrum_x = (to_x @ pixels_first).reshape(f, 2 * b, cin)   # [F, (Xr; Xi), I]
     k_re, k_im = (to_k @ k.reshape(kh * kw, cin * cout)).reshape(2, f, cin, cout)
-    # X K* = (Xr Kr + Xi Ki) + i (Xi Kr - Xr Ki), from the products of [Xr; Xi] with Kr and Ki.
-    with_re = jnp.einsum("fnc,fco->fno", spectrum_x, k_re)
-    with_im = jnp.einsum("fnc,fco->fno", spectrum_x, k_im)
+    # X K* = (Xr Kr + Xi Ki) + i (Xi Kr - Xr Ki), from ONE product per frequency of [Xr; Xi] with
+    # [Kr, Ki]: [F, 2B, 2O], whose four blocks are Xr Kr, Xr Ki, Xi Kr, Xi Ki.
+    products = jnp.einsum("fnc,fco->fno", spectrum_x, jnp.concatenate([k_re, k_im], axis=-1))
+    with_re, with_im = products[..., :cout], products[..., cout:]
     spectrum_y = jnp.stack([with_re[:, :b] + with_im[:, b:],
                             with_re[:, b:] - with_im[:, :b]])   # [2, F, B, O]
     y = (back @ spectrum_y.reshape(2 * f, b * cout)).reshape(rows * cols, b, cout)
