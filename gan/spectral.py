@@ -85,7 +85,7 @@ def correlation(x: jax.Array, k: jax.Array, pads: Sequence[tuple[int, int]]) -> 
     pixels_first = x.reshape(b, h * w, cin).transpose(1, 0, 2).reshape(h * w, b * cin)
     spectrum_x = (to_x @ pixels_first).reshape(f, 2 * b, cin)   # [F, (Xr; Xi), I]
     k_re, k_im = (to_k @ k.reshape(kh * kw, cin * cout)).reshape(2, f, cin, cout)
-    # X K* = (Xr Kr + Xi Ki) + i (Xi Kr - Xr Ki), from ONE product per frequency of [Xr; Xi] with
+    # X K* = (Xr Kr + Xi Ki) + i (Xi Kr - Xr Ki), from one product per frequency of [Xr; Xi] with
     # [Kr, Ki]: [F, 2B, 2O], whose four blocks are Xr Kr, Xr Ki, Xi Kr, Xi Ki.
     products = jnp.einsum("fnc,fco->fno", spectrum_x, jnp.concatenate([k_re, k_im], axis=-1))
     with_re, with_im = products[..., :cout], products[..., cout:]
