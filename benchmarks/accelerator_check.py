@@ -15,7 +15,8 @@ into `metrics.jsonl` over its logged intervals, the first interval (which holds 
 left out when there are others:
 
 * `gan`: the TensorFlow tutorial's DCGAN (`dcgan_fashion_mnist.flags`): images/s.
-* `learned_optimizer`: the LSTM optimizer on the MNIST MLP (`lstm_mlp_mnist.flags`): meta-steps/s.
+* `learned_optimizer`: the LSTM optimizer on the paper's 28x28 MNIST MLP (`lstm_mlp_mnist28.flags`):
+  meta-steps/s.
 * `maml`: Omniglot 5-way 1-shot (`maml_omniglot_5way1shot.flags`): tasks/s.
 * `nas_cnn`: REINFORCE over CNNs trained on Fashion-MNIST (`nas_cnn_fashion_mnist.flags`):
   children/hour (child trainings, i.e. evaluations, per hour).
@@ -112,7 +113,7 @@ PARTS = (
          ("--batch_size=8", "--num_steps=4", "--log_every=1", "--checkpoint_every=4"),
          "images_per_s", "gan_images_per_s", needs="fashion_mnist",
          substitute=("--dataset=digits",)),
-    Part("learned_optimizer", "learned_optimizer", "lstm_mlp_mnist.flags",
+    Part("learned_optimizer", "learned_optimizer", "lstm_mlp_mnist28.flags",
          ("--num_steps=1000000", "--log_every=10", "--validate_every=1000000",
           "--checkpoint_every=100", "--evaluate=false"),
          ("--num_steps=2", "--log_every=1", "--meta_batch_size=2", "--horizon=20",
