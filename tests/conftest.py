@@ -1,11 +1,14 @@
 """Shared test fixtures: where the real data lives, and running launchers in subprocesses."""
 
+import atexit
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -18,18 +21,25 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), TEST_XLA_FLAGS)))
 
+# One persistent compilation cache for the whole session, in this process, in both pytest-xdist
+# workers (which inherit the variable from the controller) and in every launcher a test starts:
+# a program compiled once (a tiny config's step, built again by another test or after a kill) is
+# loaded instead of compiled again. Set before JAX is imported; removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="l2gl-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def subprocess_compilation_cache(tmp_path_factory):
-    """Launchers run by a test share a persistent compilation cache: a rerun of the same command
-    (after a kill, or to continue) loads its executables instead of compiling them again."""
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    yield
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first: pytest-xdist hands the first tests out in turn, so both
+    workers start on the long ones and share the short ones at the end, rather than one worker
+    finishing a long test alone while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def shared_data(*parts: str) -> str:

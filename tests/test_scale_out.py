@@ -89,6 +89,7 @@ def assert_rows_close(rows, expected, rtol):
             assert row[key] == pytest.approx(value, rel=rtol, abs=1e-6), (row["step"], key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAUNCHERS))
 def test_killed_sharded_and_multi_process_runs_end_like_an_uninterrupted_run(name, tmp_path):
     launcher = LAUNCHERS[name]

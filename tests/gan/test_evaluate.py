@@ -133,6 +133,7 @@ def test_classifier_features_separate_real_from_noise(classifier_dir):
     assert real < 0.1 * fake
 
 
+@pytest.mark.slow
 def test_evaluate_only_writes_eval_json_and_refuses_a_workdir_without_checkpoint(
         tmp_path, classifier_dir):
     workdir = tmp_path / "run"

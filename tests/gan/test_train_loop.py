@@ -56,6 +56,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_step_on_4_devices_equals_the_single_device_step():
     proc = run_python(["-c", SHARDED_SCRIPT],
                       env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
@@ -64,6 +65,7 @@ def test_sharded_step_on_4_devices_equals_the_single_device_step():
     assert "batch size 6 is not divisible by the 4 devices" in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_config_runs_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     run_python(["-m", "launch.gan", "--flagfile=launch/configs/demo.flags", f"--workdir={workdir}",

@@ -188,6 +188,7 @@ SHORT = train.Config(meta_batch_size=16, num_steps=40, log_every=20, validate_ev
                      checkpoint_every=20, num_validation_tasks=16, meta_lr=3e-3, evaluate=False)
 
 
+@pytest.mark.slow
 def test_short_meta_training_beats_the_untrained_lstm_and_resumes_exactly(tmp_path):
     workdir = str(tmp_path / "run")
     straight = train.train_and_evaluate(SHORT, workdir)
@@ -274,6 +275,7 @@ def test_pes_meta_step_accumulates_perturbations_and_resets_them_with_new_tasks(
     np.testing.assert_allclose(np.array(norms) / one_unroll, [1, 2, 1], rtol=0.1)
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, caplog):
     config = dataclasses.replace(TINY, second_order=False, num_steps=4, checkpoint_every=2,
                                  log_every=1, validate_every=2, num_validation_tasks=2,

@@ -179,6 +179,7 @@ def test_every_task_batching_and_conv_impl_gives_the_same_meta_gradient():
     assert task_gradients.resolve_task_batching("unrolled", "cpu") == "unrolled"
 
 
+@pytest.mark.slow
 def test_map_keeps_one_tasks_activations_in_memory():
     """The CPU default sums the tasks' gradients in a scan: the compiled step's temporary memory
     stays flat as the meta-batch grows, where vmap's grows with every task (as a differentiated

@@ -86,6 +86,7 @@ def omniglot_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("omniglot_cache"))
 
 
+@pytest.mark.slow
 def test_short_training_beats_chance_on_omniglot(tmp_path, omniglot_cache):
     data_dir = shared_data("omniglot", "images_evaluation.zip").rsplit("/", 1)[0]
     shared_data("omniglot", "images_background.zip")

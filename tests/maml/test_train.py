@@ -18,18 +18,6 @@ from tests.conftest import run_python, shared_data
 from tests.maml.test_tasks import write_tiny_archive
 
 
-@pytest.fixture(autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs of equal configs in one test compile once (persistent cache in a temp dir)."""
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 SINUSOID = train.Config(dataset="sinusoid", shots=10, queries=10, meta_batch_size=25,
                         inner=MetaConfig(lr=0.01), meta_lr=1e-3,
                         eval=EvalConfig(inner_steps=1, episodes=200, episodes_during_training=50,
@@ -37,6 +25,7 @@ SINUSOID = train.Config(dataset="sinusoid", shots=10, queries=10, meta_batch_siz
                         log_every=500, checkpoint_every=1000)
 
 
+@pytest.mark.slow
 def test_sinusoid_meta_training_beats_the_pretrained_baseline(tmp_path):
     config = dataclasses.replace(SINUSOID, num_steps=2000)
     train.train_and_evaluate(config, str(tmp_path))
@@ -129,6 +118,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_meta_step_on_4_devices_equals_single_device():
     proc = run_python(["-c", SHARDED_SCRIPT], timeout=600)
     assert "SHARDED_OK" in proc.stdout
@@ -162,6 +152,7 @@ def test_adaptation_takes_separable_episodes_from_chance_to_over_90_percent():
     assert after > 0.9, results["accuracy_vs_inner_steps"]
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, caplog):
     config = dataclasses.replace(
         SINUSOID, num_steps=8, checkpoint_every=3, log_every=1,
