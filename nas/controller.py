@@ -22,8 +22,13 @@ advantage is A_k = (R_k - b) / s, and
 with H the sum over decisions of the per-step entropies along a_k. After each batch the baseline
 and the scale move as b <- d b + (1 - d) mean_k R_k and v <- d v + (1 - d) mean_k (R_k - b)^2
 (both start at the first batch's mean and mean square deviation). s = 1 (`normalize_advantages`
-off: the paper) or s = sqrt(v) + 1e-8 (on), which makes the update invariant to the reward's
-scale: accuracy as a fraction or in percent gives the same search.
+off: the paper) or (on) s = max(sqrt(v), rms_k(R_k - b) / 10) + 1e-8, which makes the update
+invariant to the reward's scale: accuracy as a fraction or in percent gives the same search. The
+floor, a tenth of the batch's own root-mean-square deviation from the baseline, binds only where
+the moving spread is degenerate: a first batch of one architecture (or of equal rewards) sets
+v = 0, and a controller that keeps proposing architectures of one reward decays v towards 0;
+without it the next different reward would get an advantage of order 1e8 and fill Adam's second
+moments for thousands of steps. With it |A_k| <= 10 sqrt(m).
 
 Each batch is used for `updates_per_step` Adam steps. With `ppo_clip` = eps > 0 the steps after
 the first are PPO's clipped objective (Schulman et al. 2017; Zoph et al. 2018 trained the NASNet
@@ -68,6 +73,7 @@ REWARD_TRANSFORMS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "cubed": lambda r: r ** 3,
 }
 MASKED_LOGIT = -1e9
+ADVANTAGE_BOUND = 10.0  # normalized: the scale is at least the batch's rms deviation / this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,12 +298,14 @@ def log_prob(params: dict, actions: jax.Array, *, space: SearchSpace, temperatur
 
 def advantages(transformed: jax.Array, state: ControllerState, config: ControllerConfig):
     """(A_k = (R_k - b) / s, b, v) for the transformed rewards R of a batch: the baseline b and
-    mean square deviation v in use (at step 0, the batch's own), s = sqrt(v) + 1e-8 when
-    normalizing, else 1."""
+    mean square deviation v in use (at step 0, the batch's own), s = max(sqrt(v), rms_k(R_k - b)
+    / 10) + 1e-8 when normalizing, else 1."""
     first = state.step == 0
     baseline = jnp.where(first, jnp.mean(transformed), state.baseline)
     variance = jnp.where(first, jnp.mean((transformed - baseline) ** 2), state.variance)
-    scale = jnp.sqrt(variance) + 1e-8 if config.normalize_advantages else 1.0
+    batch_rms = jnp.sqrt(jnp.mean((transformed - baseline) ** 2))
+    scale = (jnp.maximum(jnp.sqrt(variance), batch_rms / ADVANTAGE_BOUND) + 1e-8
+             if config.normalize_advantages else 1.0)
     return (transformed - baseline) / scale, baseline, variance
 
 

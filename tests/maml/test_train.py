@@ -47,27 +47,6 @@ def final_params(workdir, config):
     return step, jax.tree.map(np.asarray, state.meta_params)
 
 
-def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path):
-    config = dataclasses.replace(
-        SINUSOID, num_steps=8, checkpoint_every=3, log_every=1,
-        inner=MetaConfig(lr=0.01, learn_lr="per_parameter"),
-        eval=dataclasses.replace(SINUSOID.eval, every=100, episodes=50, baseline_steps=2))
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
-    train.train_and_evaluate(dataclasses.replace(config, num_steps=5), str(tmp_path / "resumed"))
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    step_a, a = final_params(str(tmp_path / "straight"), config)
-    step_b, b = final_params(str(tmp_path / "resumed"), config)
-    assert step_a == step_b == 8
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    rows_a = metrics.read_metrics(str(tmp_path / "straight"))
-    rows_b = metrics.read_metrics(str(tmp_path / "resumed"))
-    assert [r["meta_loss"] for r in rows_a] == [r["meta_loss"] for r in rows_b]
-    with pytest.raises(workdirs.WorkdirConflictError, match="inner_lr"):
-        train.train_and_evaluate(dataclasses.replace(config, inner=dataclasses.replace(
-                                     config.inner, lr=0.5)),
-                                 str(tmp_path / "straight"))
-
-
 def test_omniglot_end_to_end_from_archives(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -154,8 +133,11 @@ def test_adaptation_takes_separable_episodes_from_chance_to_over_90_percent():
 
 @pytest.mark.slow
 def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, caplog):
+    """Stopped at every checkpoint and resumed (Meta-SGD: the learned rates are state too), the
+    run ends with the uninterrupted run's parameters and losses; another inner rate is refused."""
     config = dataclasses.replace(
         SINUSOID, num_steps=8, checkpoint_every=3, log_every=1,
+        inner=MetaConfig(lr=0.01, learn_lr="per_parameter"),
         eval=dataclasses.replace(SINUSOID.eval, every=100, episodes=50, baseline_steps=2))
     train.train_and_evaluate(config, str(tmp_path / "straight"))
     timed = dataclasses.replace(config, max_minutes=1e-9)  # out of time at every checkpoint
@@ -173,6 +155,10 @@ def test_max_minutes_stops_at_a_checkpoint_and_the_same_command_continues(tmp_pa
     rows_b = metrics.read_metrics(str(tmp_path / "timed"))
     assert [r["meta_loss"] for r in rows_a] == [r["meta_loss"] for r in rows_b]
     assert workdirs.out_of_time(0.0, 1.0, 61.0) and not workdirs.out_of_time(0.0, 1.0, 59.0)
+    with pytest.raises(workdirs.WorkdirConflictError, match="inner_lr"):
+        train.train_and_evaluate(dataclasses.replace(config, inner=dataclasses.replace(
+                                     config.inner, lr=0.5)),
+                                 str(tmp_path / "straight"))
     assert not workdirs.out_of_time(0.0, 0.0, 1e9), "0: no limit"
 
 

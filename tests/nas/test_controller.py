@@ -219,6 +219,25 @@ def test_normalized_update_is_invariant_to_the_reward_scale():
                  states[0].params, states[1].params)
 
 
+def test_normalized_advantage_is_bounded_where_the_moving_spread_is_zero():
+    """A first batch of one architecture leaves v = 0: the next different reward's advantage is
+    -10 (the scale floored at a tenth of the batch's deviation), not -0.08 / 1e-8, and the
+    controller's gradient stays of order one; once v > 0 the advantage is (R - b) / sqrt(v)."""
+    config = controller_lib.ControllerConfig(hidden_size=4, num_layers=1,
+                                             reward_transform="identity")
+    ctrl = Controller(SPACE, config)
+    actions = jnp.array([[1, 2, 0]])
+    state, _ = ctrl.update(ctrl.init(jax.random.PRNGKey(11)), actions, jnp.array([0.25]))
+    assert float(state.variance) == 0.0 and float(state.baseline) == pytest.approx(0.25)
+    adv = controller_lib.advantages(jnp.array([0.17]), state, config)[0]
+    np.testing.assert_allclose(adv, [-controller_lib.ADVANTAGE_BOUND], rtol=1e-5)
+    _, step_metrics = ctrl.update(state, actions, jnp.array([0.17]))
+    assert 0 < float(step_metrics["grad_norm"]) < 100
+    spread = state.replace(variance=jnp.float32(0.04))
+    np.testing.assert_allclose(controller_lib.advantages(jnp.array([0.17]), spread, config)[0],
+                               [(0.17 - 0.25) / 0.2], rtol=1e-5)
+
+
 def test_ppo_steps_are_clipped_and_the_first_equals_reinforce():
     """Gradient of the clipped surrogate: REINFORCE's at rho = 1, zero for a positive advantage
     once rho > 1 + eps (and for a negative one once rho < 1 - eps)."""
