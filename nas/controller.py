@@ -302,9 +302,9 @@ def advantages(transformed: jax.Array, state: ControllerState, config: Controlle
     / 10) + 1e-8 when normalizing, else 1."""
     first = state.step == 0
     baseline = jnp.where(first, jnp.mean(transformed), state.baseline)
-    variance = jnp.where(first, jnp.mean((transformed - baseline) ** 2), state.variance)
-    batch_rms = jnp.sqrt(jnp.mean((transformed - baseline) ** 2))
-    scale = (jnp.maximum(jnp.sqrt(variance), batch_rms / ADVANTAGE_BOUND) + 1e-8
+    batch_variance = jnp.mean((transformed - baseline) ** 2)
+    variance = jnp.where(first, batch_variance, state.variance)
+    scale = (jnp.maximum(jnp.sqrt(variance), jnp.sqrt(batch_variance) / ADVANTAGE_BOUND) + 1e-8
              if config.normalize_advantages else 1.0)
     return (transformed - baseline) / scale, baseline, variance
 
